@@ -1,0 +1,126 @@
+"""Feature extractor: a torchvision ResNet or MobileNetV3 with a Feature Pyramid Network on top.
+
+Medical images are usually single-channel and are trained from scratch here (weights cannot be
+downloaded on every machine), so unlike torchvision's detection defaults:
+- the first convolution takes `in_channels` channels (pretrained RGB filters are summed over
+  colour when a pretrained stem is adapted to one channel);
+- batch norm is trainable when training from scratch (torchvision freezes it, which is only
+  right for a pretrained backbone);
+- the FPN width is configurable (narrower pyramids are much cheaper on small lesion datasets).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torchvision.models import mobilenet_v3_large, resnet18, resnet34, resnet50
+from torchvision.models.detection.backbone_utils import BackboneWithFPN
+from torchvision.ops import misc as misc_nn_ops
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+
+from medrpn.errors import ConfigError
+
+_RESNETS = {"resnet18": resnet18, "resnet34": resnet34, "resnet50": resnet50}
+_MOBILENETS = {"mobilenet_v3_large": mobilenet_v3_large}
+BACKBONES = tuple(_RESNETS) + tuple(_MOBILENETS)
+
+
+@dataclass
+class BackboneConfig:
+    """Which network extracts features, and how wide its pyramid is.
+
+    Attributes:
+        name: one of resnet18, resnet34, resnet50, mobilenet_v3_large.
+        in_channels: image channels (1 for grey-scale scans).
+        fpn_channels: channels of every pyramid level (torchvision uses 256).
+        returned_stages: backbone stages that feed the FPN, 1-based. For ResNets stage k has
+            stride 2**(k+1) (1 -> stride 4 ... 4 -> stride 32); for MobileNetV3 the strided
+            blocks are counted the same way. A max-pooled level (stride x2 of the last) is added.
+        pretrained: load torchvision's ImageNet weights (needs them downloaded or cached).
+        trainable_stages: with pretrained weights, how many stages from the top are trained
+            (0..5); ignored when training from scratch, where everything is trained.
+    """
+
+    name: str = "resnet18"
+    in_channels: int = 1
+    fpn_channels: int = 128
+    returned_stages: list[int] = field(default_factory=lambda: [1, 2, 3, 4])
+    pretrained: bool = False
+    trainable_stages: int = 3
+
+
+def build_backbone(config: BackboneConfig) -> BackboneWithFPN:
+    """Builds the backbone with FPN; its `out_channels` attribute is the pyramid width."""
+    if config.name in _RESNETS:
+        return _resnet_fpn(config)
+    if config.name in _MOBILENETS:
+        return _mobilenet_fpn(config)
+    raise ConfigError(f"backbone.name: unknown backbone {config.name!r}; choose one of {', '.join(BACKBONES)}")
+
+
+def _norm_layer(config: BackboneConfig) -> type[nn.Module]:
+    return misc_nn_ops.FrozenBatchNorm2d if config.pretrained else nn.BatchNorm2d
+
+
+def _adapt_stem(conv: nn.Conv2d, in_channels: int) -> nn.Conv2d:
+    """Returns `conv` taking `in_channels` inputs; pretrained RGB filters are averaged over colour."""
+    if conv.in_channels == in_channels:
+        return conv
+    new = nn.Conv2d(
+        in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, bias=conv.bias is not None
+    )
+    with torch.no_grad():
+        new.weight.copy_(conv.weight.mean(dim=1, keepdim=True).expand_as(new.weight) * (3 / in_channels))
+    return new
+
+
+def _resnet_fpn(config: BackboneConfig) -> BackboneWithFPN:
+    stages = sorted(config.returned_stages)
+    if not stages or stages[0] < 1 or stages[-1] > 4:
+        raise ConfigError(f"backbone.returned_stages must be within 1..4 for ResNets, got {config.returned_stages}")
+    weights = "DEFAULT" if config.pretrained else None
+    net = _RESNETS[config.name](weights=weights, norm_layer=_norm_layer(config))
+    net.conv1 = _adapt_stem(net.conv1, config.in_channels)
+    if config.pretrained:
+        trainable = ["layer4", "layer3", "layer2", "layer1", "conv1"][: config.trainable_stages]
+        for name, parameter in net.named_parameters():
+            parameter.requires_grad_(any(name.startswith(layer) for layer in trainable))
+    stage2_channels = net.inplanes // 8
+    return BackboneWithFPN(
+        net,
+        return_layers={f"layer{k}": str(i) for i, k in enumerate(stages)},
+        in_channels_list=[stage2_channels * 2 ** (k - 1) for k in stages],
+        out_channels=config.fpn_channels,
+        extra_blocks=LastLevelMaxPool(),
+    )
+
+
+def _mobilenet_fpn(config: BackboneConfig) -> BackboneWithFPN:
+    weights = "DEFAULT" if config.pretrained else None
+    features = _MOBILENETS[config.name](weights=weights, norm_layer=_norm_layer(config)).features
+    first = features[0][0]
+    features[0][0] = _adapt_stem(first, config.in_channels)
+    # Blocks that reduce resolution mark the stages (as torchvision's _mobilenet_extractor does).
+    strided = [i for i, block in enumerate(features) if getattr(block, "_is_cn", False)]
+    # Stage k ends just before the (k+1)-th strided block; stage 4 ends at the last block.
+    ends = [i - 1 for i in strided[1:]] + [len(features) - 1]
+    stages = sorted(config.returned_stages)
+    if not stages or stages[0] < 1 or stages[-1] > len(ends):
+        raise ConfigError(f"backbone.returned_stages must be within 1..{len(ends)} for {config.name}")
+    if config.pretrained:
+        # Stem = stage 0; freeze everything below the top `trainable_stages` stages.
+        frozen_stages = 5 - min(max(config.trainable_stages, 0), 5)
+        if frozen_stages > 0:
+            last_frozen = 0 if frozen_stages == 1 else ends[frozen_stages - 2]
+            for block in features[: last_frozen + 1]:
+                block.requires_grad_(False)
+    return BackboneWithFPN(
+        features,
+        return_layers={str(ends[k - 1]): str(i) for i, k in enumerate(stages)},
+        in_channels_list=[features[ends[k - 1]].out_channels for k in stages],
+        out_channels=config.fpn_channels,
+        extra_blocks=LastLevelMaxPool(),
+    )
+

@@ -1,0 +1,139 @@
+"""The two-stage lesion detector, assembled from its parts; a plain `nn.Module`.
+
+    images -> backbone + FPN -> RPN (proposals: "something is here")
+           -> RoI heads (class + refined box: "it is this lesion, exactly here")
+
+Conventions at this boundary (the batch contract of `medrpn.data.batch`):
+- images: float tensor (B, C, H, W), intensities already windowed to [0, 1] by the data code;
+  the detector standardises them with its own `pixel_mean`/`pixel_std` (kept in the checkpoint)
+  and never resizes them.
+- targets: per image {"boxes": (N, 4) float absolute pixel xyxy, "labels": (N,) int64 lesion
+  class index, 0-based}. N may be 0 (an image without lesions).
+- detections: per image {"boxes", "scores", "labels"} with the same conventions.
+- proposals: per image (P, 4) boxes, best objectness first.
+Internally torchvision reserves label 0 for background, so labels are shifted by one on the way in
+and out; nothing outside this file sees that.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+from torchvision.models.detection.image_list import ImageList
+from torchvision.ops import batched_nms
+
+from medrpn.model.anchors import AnchorConfig, build_anchor_generator
+from medrpn.model.backbone import BackboneConfig, build_backbone
+from medrpn.model.roi_heads import RoIConfig, build_roi_heads
+from medrpn.model.rpn import RPNConfig, build_rpn
+
+
+@dataclass
+class DetectorConfig:
+    """Everything needed to rebuild a detector (stored in checkpoints).
+
+    Attributes:
+        num_classes: lesion classes, background not counted.
+        backbone, anchors, rpn, roi: settings of each part.
+        pixel_mean / pixel_std: standardisation applied to the [0, 1] input.
+        cross_class_nms_thresh: after per-class NMS, detections of *different* classes that
+            overlap more than this are suppressed too, so one lesion gets one box (1.0 disables).
+    """
+
+    num_classes: int
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    anchors: AnchorConfig = field(default_factory=AnchorConfig)
+    rpn: RPNConfig = field(default_factory=RPNConfig)
+    roi: RoIConfig = field(default_factory=RoIConfig)
+    pixel_mean: float = 0.5
+    pixel_std: float = 0.25
+    cross_class_nms_thresh: float = 0.5
+
+
+@dataclass
+class DetectorOutput:
+    """What one forward pass gives: losses when training, detections and proposals otherwise."""
+
+    losses: dict[str, Tensor] = field(default_factory=dict)
+    detections: list[dict[str, Tensor]] = field(default_factory=list)
+    proposals: list[Tensor] = field(default_factory=list)
+
+
+class LesionDetector(nn.Module):
+    """Backbone + RPN + RoI heads, composed from ready modules.
+
+    Args:
+        backbone: module mapping images to an ordered dict of pyramid features, with an
+            `out_channels` attribute.
+        rpn: torchvision `RegionProposalNetwork` (or compatible).
+        roi_heads: torchvision `RoIHeads` (or compatible).
+        pixel_mean, pixel_std: input standardisation.
+        cross_class_nms_thresh: see `DetectorConfig`.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        rpn: nn.Module,
+        roi_heads: nn.Module,
+        pixel_mean: float = 0.5,
+        pixel_std: float = 0.25,
+        cross_class_nms_thresh: float = 0.5,
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.rpn = rpn
+        self.roi_heads = roi_heads
+        self.pixel_mean = pixel_mean
+        self.pixel_std = pixel_std
+        self.cross_class_nms_thresh = cross_class_nms_thresh
+
+    def forward(self, images: Tensor, targets: list[dict[str, Tensor]] | None = None) -> DetectorOutput:
+        """Runs the detector on a batch of equally sized images.
+
+        In training mode `targets` are required and only losses are returned (keys
+        `loss_objectness`, `loss_rpn_box_reg`, `loss_classifier`, `loss_box_reg`); in eval mode
+        detections and proposals are returned.
+        """
+        if images.dim() != 4:
+            raise ValueError(f"images must be (B, C, H, W), got shape {tuple(images.shape)}")
+        if self.training and targets is None:
+            raise ValueError("targets are required in training mode")
+        height, width = images.shape[-2:]
+        image_list = ImageList((images - self.pixel_mean) / self.pixel_std, [(height, width)] * images.shape[0])
+        internal_targets = None
+        if targets is not None:
+            internal_targets = [{"boxes": t["boxes"], "labels": t["labels"] + 1} for t in targets]
+        features = self.backbone(image_list.tensors)
+        proposals, rpn_losses = self.rpn(image_list, features, internal_targets)
+        detections, roi_losses = self.roi_heads(features, proposals, image_list.image_sizes, internal_targets)
+        if self.training:
+            return DetectorOutput(losses={**rpn_losses, **roi_losses})
+        return DetectorOutput(detections=[self._finish(d) for d in detections], proposals=proposals)
+
+    def _finish(self, detection: dict[str, Tensor]) -> dict[str, Tensor]:
+        boxes, scores, labels = detection["boxes"], detection["scores"], detection["labels"] - 1
+        if self.cross_class_nms_thresh < 1.0 and len(boxes) > 1:
+            keep = batched_nms(boxes, scores, torch.zeros_like(labels), self.cross_class_nms_thresh)
+            boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+        return {"boxes": boxes, "scores": scores, "labels": labels}
+
+
+def build_detector(config: DetectorConfig) -> LesionDetector:
+    """Builds a detector from its config."""
+    backbone = build_backbone(config.backbone)
+    num_levels = len(config.backbone.returned_stages) + 1
+    anchor_generator = build_anchor_generator(config.anchors, num_levels)
+    rpn = build_rpn(config.rpn, anchor_generator, backbone.out_channels)
+    feature_names = [str(i) for i in range(len(config.backbone.returned_stages))]
+    roi_heads = build_roi_heads(config.roi, feature_names, backbone.out_channels, config.num_classes)
+    return LesionDetector(
+        backbone,
+        rpn,
+        roi_heads,
+        pixel_mean=config.pixel_mean,
+        pixel_std=config.pixel_std,
+        cross_class_nms_thresh=config.cross_class_nms_thresh,
+    )

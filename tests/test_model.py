@@ -1,0 +1,150 @@
+"""The detector's parts, each checked on its own, and the assembled detector learning."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torchvision.models.detection.image_list import ImageList
+
+from medrpn.errors import ConfigError
+from medrpn.model import (
+    AnchorConfig,
+    BackboneConfig,
+    DetectorConfig,
+    RoIConfig,
+    RPNConfig,
+    build_anchor_generator,
+    build_backbone,
+    build_detector,
+)
+
+SMALL = dict(
+    backbone=BackboneConfig(name="resnet18", fpn_channels=32),
+    rpn=RPNConfig(pre_nms_top_n_train=200, post_nms_top_n_train=100, pre_nms_top_n_test=100, post_nms_top_n_test=50),
+    roi=RoIConfig(batch_size_per_image=32, representation_size=64),
+)
+
+
+def small_detector(num_classes: int = 2, **overrides) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build_detector(DetectorConfig(num_classes=num_classes, **{**SMALL, **overrides}))
+
+
+def test_anchor_count_per_level_is_sizes_times_ratios_times_positions():
+    config = AnchorConfig(sizes=[[8.0, 12.0], [16.0, 24.0], [32.0, 48.0]], aspect_ratios=[0.5, 1.0, 2.0])
+    generator = build_anchor_generator(config, num_levels=3)
+    shapes = [(32, 32), (16, 16), (8, 8)]
+    features = [torch.zeros(1, 4, h, w) for h, w in shapes]
+    images = ImageList(torch.zeros(1, 1, 128, 128), [(128, 128)])
+    anchors = generator(images, features)[0]
+    assert generator.num_anchors_per_location() == [6, 6, 6]
+    assert len(anchors) == sum(2 * 3 * h * w for h, w in shapes)
+    # each level's anchors have the areas of its sizes (8^2, 12^2 on the first) whatever the
+    # ratio, up to torchvision's rounding of anchor corners to whole pixels
+    first = anchors[: 6 * 32 * 32]
+    areas = (first[:, 2] - first[:, 0]) * (first[:, 3] - first[:, 1])
+    assert abs(float(areas.mean()) - (64 + 144) / 2) < 10
+
+
+def test_anchor_levels_must_match_backbone():
+    with pytest.raises(ConfigError, match="levels"):
+        build_anchor_generator(AnchorConfig(sizes=[[8.0], [16.0]]), num_levels=5)
+
+
+def test_box_coding_round_trips():
+    rpn = small_detector().rpn
+    anchors = torch.tensor([[10.0, 10.0, 30.0, 50.0], [0.0, 0.0, 64.0, 64.0], [5.0, 7.0, 9.0, 8.0]])
+    boxes = torch.tensor([[12.0, 8.0, 35.0, 47.0], [3.0, 1.0, 50.0, 70.0], [4.0, 6.0, 11.0, 10.0]])
+    deltas = rpn.box_coder.encode_single(boxes, anchors)  # dx, dy, dw, dh per anchor
+    assert deltas.shape == (3, 4)
+    decoded = rpn.box_coder.decode_single(deltas, anchors)
+    torch.testing.assert_close(decoded, boxes, atol=1e-4, rtol=0)
+
+
+def test_proposal_nms_removes_a_duplicate():
+    rpn = small_detector().rpn.eval()
+    box = torch.tensor([20.0, 20.0, 60.0, 60.0])
+    proposals = torch.stack([box, box + 0.5, torch.tensor([100.0, 100.0, 120.0, 120.0])])[None]
+    objectness = torch.tensor([[3.0, 2.0, 1.0]])
+    boxes, scores = rpn.filter_proposals(proposals, objectness, [(128, 128)], [3])
+    assert len(boxes[0]) == 2  # the near-copy of the best box is gone
+    torch.testing.assert_close(boxes[0][0], box)
+
+
+def test_sampler_keeps_its_positive_fraction():
+    rpn = small_detector(rpn=RPNConfig(batch_size_per_image=64, positive_fraction=0.25)).rpn
+    labels = torch.cat([torch.ones(500), torch.zeros(5000)])  # plenty of both
+    positives, negatives = rpn.fg_bg_sampler([labels])
+    assert int(positives[0].sum()) == 16 and int(negatives[0].sum()) == 48
+    few = torch.cat([torch.ones(3), torch.zeros(5000)])  # too few positives: all kept, rest negative
+    positives, negatives = rpn.fg_bg_sampler([few])
+    assert int(positives[0].sum()) == 3 and int(negatives[0].sum()) == 61
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_large"])
+def test_backbone_takes_one_channel_and_gives_pyramid(name):
+    backbone = build_backbone(BackboneConfig(name=name, fpn_channels=16, in_channels=1))
+    features = backbone(torch.zeros(1, 1, 64, 64))
+    assert [f.shape[1] for f in features.values()] == [16] * 5
+    assert [f.shape[-1] for f in features.values()] == [16, 8, 4, 2, 1]  # strides 4 ... 64
+    assert all(p.requires_grad for p in backbone.parameters())  # from scratch: everything trains
+
+
+def test_unknown_backbone_is_a_clear_error():
+    with pytest.raises(ConfigError, match="unknown backbone 'vgg'"):
+        build_backbone(BackboneConfig(name="vgg"))
+
+
+def _batch():
+    torch.manual_seed(1)
+    images = torch.rand(2, 1, 96, 96) * 0.2
+    images[0, 0, 20:44, 30:50] += 0.7  # a bright lesion
+    images[1, 0, 60:72, 10:22] += 0.7
+    targets = [
+        {"boxes": torch.tensor([[30.0, 20.0, 50.0, 44.0]]), "labels": torch.tensor([0])},
+        {"boxes": torch.tensor([[10.0, 60.0, 22.0, 72.0]]), "labels": torch.tensor([1])},
+    ]
+    return images, targets
+
+
+def test_training_returns_the_four_losses_and_they_go_down_on_a_fixed_batch():
+    model = small_detector().train()
+    images, targets = _batch()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    history = []
+    for _ in range(25):
+        losses = model(images, targets).losses
+        assert set(losses) == {"loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg"}
+        loss = sum(losses.values())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        history.append(float(loss))
+    assert sum(history[-5:]) / 5 < 0.5 * sum(history[:5]) / 5
+
+
+def test_images_without_lesions_train_and_predict():
+    model = small_detector().train()
+    images = torch.rand(2, 1, 64, 64)
+    empty = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}
+    losses = model(images, [empty, empty]).losses
+    assert all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    out = small_detector().eval()(images)
+    assert len(out.detections) == 2 and len(out.proposals) == 2
+
+
+def test_eval_gives_detections_with_zero_based_labels_and_ranked_proposals():
+    model = small_detector(num_classes=3, roi=RoIConfig(score_thresh=0.0, representation_size=64)).eval()
+    with torch.no_grad():
+        out = model(torch.rand(1, 1, 96, 96))
+    detection = out.detections[0]
+    assert set(detection) == {"boxes", "scores", "labels"}
+    assert len(detection["boxes"]) > 0
+    assert detection["labels"].min() >= 0 and detection["labels"].max() <= 2
+    assert out.proposals[0].shape[1] == 4 and len(out.proposals[0]) <= 50
+
+
+def test_training_without_targets_is_refused():
+    with pytest.raises(ValueError, match="targets"):
+        small_detector().train()(torch.rand(1, 1, 64, 64))
