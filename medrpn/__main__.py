@@ -1,0 +1,5 @@
+"""`python -m medrpn` is the `medrpn` command."""
+
+from medrpn.cli import main
+
+main()

@@ -1,0 +1,138 @@
+"""End to end through the `medrpn` command, as a user runs it: synth -> fit -> MLflow -> predict.
+
+One short real training run (a few steps on generated DICOM files, one of them broken on
+purpose) is shared by the tests of this module.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+from PIL import Image as PILImage
+
+from medrpn.predict import predict_files
+from medrpn.synth import write_synthetic_dataset
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _medrpn(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "medrpn", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+    )
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    work = tmp_path_factory.mktemp("run")
+    write_synthetic_dataset(work / "data", n_images=24, image_size=128, seed=5)
+    broken = sorted((work / "data" / "images").glob("*.dcm"))[0]
+    broken.write_bytes(broken.read_bytes()[:300])  # a truncated DICOM file inside the dataset
+    result = _medrpn(
+        "fit",
+        "--config", str(REPO / "configs" / "demo.yaml"),
+        "--data.annotations", str(work / "data" / "annotations.csv"),
+        "--data.image_size", "128",
+        "--data.batch_size", "4",
+        "--data.num_workers", "0",
+        "--data.val_fraction", "0.25",
+        "--data.test_fraction", "0.25",
+        "--model.backbone.fpn_channels", "32",
+        "--trainer.max_epochs", "2",
+        "--trainer.limit_train_batches", "2",
+        "--trainer.limit_val_batches", "1",
+        "--trainer.limit_test_batches", "1",
+        "--trainer.logger.init_args.run_name", "e2e",
+        cwd=work,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    return work, broken, output
+
+
+def test_fit_reports_the_broken_file_and_finishes(trained):
+    work, broken, output = trained
+    assert f"Skipping unreadable image {broken}" in output
+    assert "medrpn fit finished." in output
+    assert "held-out test   FROC sensitivity at 1 FP/image" in output
+    assert (work / "demo" / "checkpoints" / "best.ckpt").is_file()
+
+
+def test_mlflow_store_has_params_metrics_and_artifacts(trained):
+    work, _, _ = trained
+    mlflow.set_tracking_uri(f"sqlite:///{work / 'mlruns.db'}")
+    runs = mlflow.search_runs(experiment_names=["medrpn-demo"], output_format="list")
+    assert len(runs) == 1
+    run = runs[0]
+    params, metrics = run.data.params, run.data.metrics
+    assert params["model/backbone/name"] == "resnet18"
+    assert params["data/image_size"] == "128"
+    assert params["trainer/max_epochs"] == "2"
+    for loss in ("loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg"):
+        assert f"train/{loss}_epoch" in metrics
+    for key in ("froc_0.125fp", "froc_1fp", "froc_8fp", "cpm", "map50", "rpn_recall100"):
+        assert f"val/{key}" in metrics and f"test/{key}" in metrics
+    client = mlflow.MlflowClient()
+    val_cpm = client.get_metric_history(run.info.run_id, "val/cpm")
+    assert len(val_cpm) == 2  # one value per epoch
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert "config.yaml" in artifacts
+    checkpoints = [a.path for a in client.list_artifacts(run.info.run_id, "best")] if "best" in artifacts else []
+    assert any(p.endswith(".ckpt") for p in checkpoints), artifacts
+
+
+def test_checkpoint_loads_without_code_and_knows_its_model(trained):
+    work, _, _ = trained
+    checkpoint = torch.load(work / "demo" / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=True)
+    assert checkpoint["hyper_parameters"]["class_names"] == ["nodule", "spiculated"]
+    assert checkpoint["datamodule_hyper_parameters"]["image_size"] == 128
+
+
+def test_predict_writes_findings_and_overlays_and_skips_bad_files(trained, tmp_path):
+    work, broken, _ = trained
+    new = write_synthetic_dataset(tmp_path / "new", n_images=3, image_size=128, seed=77)
+    images = tmp_path / "new" / "images"
+    PILImage.new("L", (100, 80), color=90).save(images / "plain.png")
+    (images / "corrupt.dcm").write_bytes(broken.read_bytes())
+    report = predict_files(work / "demo" / "checkpoints" / "best.ckpt", images, tmp_path / "out", score_threshold=0.0)
+    assert len(report.written) == 4
+    assert [Path(p).name for p, _ in report.skipped] == ["corrupt.dcm"]
+    findings = json.loads((tmp_path / "out" / "plain.json").read_text())
+    assert findings["image"]["height"] == 80 and findings["image"]["width"] == 100
+    assert findings["model"]["score_threshold"] == 0.0
+    for finding in findings["findings"]:
+        x1, y1, x2, y2 = finding["box_px"]
+        assert 0 <= x1 < x2 <= 100 and 0 <= y1 < y2 <= 80  # back in the original image's pixels
+    dicom_findings = json.loads(next((tmp_path / "out").glob("P*.json")).read_text())
+    assert dicom_findings["image"]["pixel_spacing_mm"] == [0.5, 0.5]
+    assert "SOPInstanceUID" in dicom_findings["image"]["meta"]
+    assert all(f["box_mm"] is not None for f in dicom_findings["findings"])
+    assert PILImage.open(tmp_path / "out" / "plain.png").size == (100, 80)
+
+
+def test_predict_command_line(trained, tmp_path):
+    work, _, _ = trained
+    write_synthetic_dataset(tmp_path / "new", n_images=1, image_size=128, seed=9)
+    image = next((tmp_path / "new" / "images").glob("*.dcm"))
+    result = _medrpn(
+        "predict", "--ckpt", str(work / "demo" / "checkpoints" / "best.ckpt"),
+        "--input", str(image), "--output", str(tmp_path / "out"), cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "medrpn predict: 1 images" in result.stdout
+    assert (tmp_path / "out" / image.with_suffix(".json").name).is_file()
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path):
+    result = _medrpn("predict", "--ckpt", "nope.ckpt", "--input", ".", "--output", "out", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "nope.ckpt: checkpoint not found" in result.stderr
+    assert "Traceback" not in result.stderr
