@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
@@ -109,13 +110,18 @@ def _predict_main(argv: list[str]) -> None:
     predict_files(args.ckpt, args.input, args.output, score_threshold=args.score_threshold, batch_size=args.batch_size)
 
 
+# Subcommands that need no training config: name -> function taking the remaining arguments.
+TOOLS: dict[str, Callable[[list[str]], None]] = {
+    "synth": _synth_main,
+    "predict": _predict_main,
+}
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        if argv and argv[0] == "synth":
-            return _synth_main(argv[1:])
-        if argv and argv[0] == "predict":
-            return _predict_main(argv[1:])
+        if argv and argv[0] in TOOLS:
+            return TOOLS[argv[0]](argv[1:])
         MedrpnCLI(
             LesionDetectionModule,
             LesionDataModule,
