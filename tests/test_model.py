@@ -148,3 +148,12 @@ def test_eval_gives_detections_with_zero_based_labels_and_ranked_proposals():
 def test_training_without_targets_is_refused():
     with pytest.raises(ValueError, match="targets"):
         small_detector().train()(torch.rand(1, 1, 64, 64))
+
+
+def test_pretrained_weights_that_cannot_be_fetched_give_a_clear_error(tmp_path, monkeypatch):
+    # An empty hub cache and no network (as on CI): the real download is tried and fails.
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setenv("no_proxy", "")
+    monkeypatch.setenv("https_proxy", "http://127.0.0.1:9")  # nothing listens on the discard port
+    with pytest.raises(ConfigError, match="ImageNet weights of resnet18 could not be loaded"):
+        build_backbone(BackboneConfig(name="resnet18", pretrained=True))

@@ -11,6 +11,7 @@ downloaded on every machine), so unlike torchvision's detection defaults:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -60,8 +61,21 @@ def build_backbone(config: BackboneConfig) -> BackboneWithFPN:
     raise ConfigError(f"backbone.name: unknown backbone {config.name!r}; choose one of {', '.join(BACKBONES)}")
 
 
-def _norm_layer(config: BackboneConfig) -> type[nn.Module]:
-    return misc_nn_ops.FrozenBatchNorm2d if config.pretrained else nn.BatchNorm2d
+def _load(constructor: Callable[..., nn.Module], config: BackboneConfig) -> nn.Module:
+    """Builds the torchvision network, with ImageNet weights when asked for.
+
+    Weights come from torchvision (downloaded once into the torch hub cache, `TORCH_HOME`); a
+    machine that cannot download them gets a clear error rather than a network traceback.
+    """
+    if not config.pretrained:
+        return constructor(weights=None, norm_layer=nn.BatchNorm2d)
+    try:
+        return constructor(weights="DEFAULT", norm_layer=misc_nn_ops.FrozenBatchNorm2d)
+    except (OSError, RuntimeError) as error:  # URLError is an OSError; a damaged download a RuntimeError
+        raise ConfigError(
+            f"backbone.pretrained: the ImageNet weights of {config.name} could not be loaded ({error}). "
+            f"Put them in the torch hub cache ({torch.hub.get_dir()}/checkpoints) or set backbone.pretrained: false"
+        ) from None
 
 
 def _adapt_stem(conv: nn.Conv2d, in_channels: int) -> nn.Conv2d:
@@ -80,8 +94,7 @@ def _resnet_fpn(config: BackboneConfig) -> BackboneWithFPN:
     stages = sorted(config.returned_stages)
     if not stages or stages[0] < 1 or stages[-1] > 4:
         raise ConfigError(f"backbone.returned_stages must be within 1..4 for ResNets, got {config.returned_stages}")
-    weights = "DEFAULT" if config.pretrained else None
-    net = _RESNETS[config.name](weights=weights, norm_layer=_norm_layer(config))
+    net = _load(_RESNETS[config.name], config)
     net.conv1 = _adapt_stem(net.conv1, config.in_channels)
     if config.pretrained:
         trainable = ["layer4", "layer3", "layer2", "layer1", "conv1"][: config.trainable_stages]
@@ -98,10 +111,8 @@ def _resnet_fpn(config: BackboneConfig) -> BackboneWithFPN:
 
 
 def _mobilenet_fpn(config: BackboneConfig) -> BackboneWithFPN:
-    weights = "DEFAULT" if config.pretrained else None
-    features = _MOBILENETS[config.name](weights=weights, norm_layer=_norm_layer(config)).features
-    first = features[0][0]
-    features[0][0] = _adapt_stem(first, config.in_channels)
+    features = _load(_MOBILENETS[config.name], config).features
+    features[0][0] = _adapt_stem(features[0][0], config.in_channels)
     # Blocks that reduce resolution mark the stages (as torchvision's _mobilenet_extractor does).
     strided = [i for i, block in enumerate(features) if getattr(block, "_is_cn", False)]
     # Stage k ends just before the (k+1)-th strided block; stage 4 ends at the last block.
