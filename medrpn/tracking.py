@@ -1,17 +1,25 @@
 """Everything medrpn says to MLflow itself (Lightning's `MLFlowLogger` does the rest).
 
 - `MLflowConfigLogger` records the full resolved config of a run as parameters and as a
-  `config.yaml` artifact, so runs can be compared and repeated from the MLflow UI.
+  `config.yaml` artifact, and tags the run with the medrpn git commit, a hash of the config and a
+  fingerprint of the dataset, so runs can be compared and repeated from the MLflow UI.
 - `describe_run` says where a run lives, for the summary printed after training.
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
+import subprocess
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import lightning as L
 from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.loggers import MLFlowLogger
+
+from medrpn.data.records import Record
 
 
 def _mlflow_logger(trainer: L.Trainer) -> MLFlowLogger | None:
@@ -34,6 +42,40 @@ class MLflowConfigLogger(SaveConfigCallback):
         config.pop("config", None)  # the paths of the config files, not settings
         logger.log_hyperparams(config)
         logger.experiment.log_text(logger.run_id, text, self.config_filename)
+        tags = {"medrpn.git_commit": git_commit(), "medrpn.config_sha256": hashlib.sha256(text.encode()).hexdigest()}
+        records = getattr(trainer.datamodule, "records", None)
+        if records is not None:
+            tags["medrpn.dataset_fingerprint"] = dataset_fingerprint(records)
+        for key, value in tags.items():
+            logger.experiment.set_tag(logger.run_id, key, value)
+
+
+def git_commit() -> str:
+    """The commit medrpn runs from (with "-dirty" when it has uncommitted changes), or "unknown"."""
+    repo = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return f"{commit}-dirty" if dirty else commit
+
+
+def dataset_fingerprint(records: Sequence[Record]) -> str:
+    """A hash of what the dataset says: image names (relative to their common folder), boxes,
+    labels and patients. Equal data moved to another folder keeps its fingerprint."""
+    paths = [str(r.image_path) for r in records]
+    root = os.path.commonpath(paths) if len(paths) > 1 else os.path.dirname(paths[0]) if paths else ""
+    digest = hashlib.sha256()
+    for record in sorted(records, key=lambda r: str(r.image_path)):
+        boxes = ",".join(f"{v:.2f}" for v in record.boxes.reshape(-1))
+        labels = ",".join(str(int(v)) for v in record.labels)
+        digest.update(f"{os.path.relpath(record.image_path, root)}|{boxes}|{labels}|{record.patient_id}\n".encode())
+    return digest.hexdigest()
 
 
 def describe_run(trainer: L.Trainer) -> dict[str, str] | None:
