@@ -66,15 +66,16 @@ def git_commit() -> str:
 
 
 def dataset_fingerprint(records: Sequence[Record]) -> str:
-    """A hash of what the dataset says: image names (relative to their common folder), boxes,
-    labels and patients. Equal data moved to another folder keeps its fingerprint."""
+    """A hash of what the dataset says: image names (relative to their common folder), frames,
+    boxes, labels and patients. Equal data moved to another folder keeps its fingerprint."""
     paths = [str(r.image_path) for r in records]
     root = os.path.commonpath(paths) if len(paths) > 1 else os.path.dirname(paths[0]) if paths else ""
     digest = hashlib.sha256()
-    for record in sorted(records, key=lambda r: str(r.image_path)):
+    for record in sorted(records, key=lambda r: (str(r.image_path), str(r.frame))):
         boxes = ",".join(f"{v:.2f}" for v in record.boxes.reshape(-1))
         labels = ",".join(str(int(v)) for v in record.labels)
-        digest.update(f"{os.path.relpath(record.image_path, root)}|{boxes}|{labels}|{record.patient_id}\n".encode())
+        name = os.path.relpath(record.image_path, root)
+        digest.update(f"{name}|{record.frame}|{boxes}|{labels}|{record.patient_id}\n".encode())
     return digest.hexdigest()
 
 

@@ -46,6 +46,15 @@ LOSSLESS_TWINS = [
     ("SC_rgb.dcm", "SC_rgb_jpeg_gdcm.dcm", 0),  # JPEG Lossless P14 SV1, RGB
     ("SC_rgb.dcm", "SC_rgb_rle.dcm", 0),
     ("SC_rgb_16bit.dcm", "SC_rgb_rle_16bit.dcm", 0),
+    ("RG1_UNCR.dcm", "RG1_J2KR.dcm", 0),  # CR 1955x1841, MONOCHROME1 (pydicom-data)
+    ("RG1_UNCI.dcm", "RG1_J2KI.dcm", 0),  # UNCI: the lossy J2KI stream decoded once and stored raw
+    ("RG3_UNCI.dcm", "RG3_J2KI.dcm", 0),
+    ("693_UNCI.dcm", "693_J2KI.dcm", 0),
+    ("MR2_UNCI.dcm", "MR2_J2KI.dcm", 0),
+    ("US1_UNCI.dcm", "US1_J2KI.dcm", 0),
+    ("OBXXXX1A.dcm", "OBXXXX1A_rle.dcm", 0),  # PALETTE COLOR ultrasound
+    ("OBXXXX1A.dcm", "OBXXXX1A_expb.dcm", 0),  # big endian palette (pydicom reads its LUT little endian)
+    ("gdcm-US-ALOKA-16.dcm", "gdcm-US-ALOKA-16_big.dcm", 0),  # segmented 16-bit palette, big endian
 ]
 
 
@@ -283,3 +292,234 @@ def test_empty_and_truncated_png(tmp_path):
         read_image(cut)
     assert err.value.path == str(cut)
 
+
+
+# ---------------------------------------------------------------------------------------------
+# Every single-image CT, MR, CR, DX, MG and US file shipped with pydicom and pydicom-data
+
+
+def _single_image_files() -> list[str]:
+    """Files of the wanted modalities with one frame, pixel data and an installed decoder."""
+    import warnings
+
+    from pydicom.data import get_testdata_files
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        files = sorted(set(get_testdata_files("**/*")))
+    chosen = []
+    for name in files:
+        try:
+            ds = pydicom.dcmread(name, defer_size="1 KB")
+            modality, frames = ds.get("Modality"), int(ds.get("NumberOfFrames") or 1)
+        except Exception:
+            continue  # not DICOM (README, DICOMDIR index ...) or a malformed header tested elsewhere
+        if modality not in ("CT", "MR", "CR", "DX", "MG", "US") or frames != 1 or "PixelData" not in ds:
+            continue
+        if not get_decoder(ds.file_meta.TransferSyntaxUID).is_available or "truncated" in Path(name).name:
+            continue
+        chosen.append(name)
+    return chosen
+
+
+SINGLE_IMAGE_FILES = _single_image_files()
+
+
+def test_the_shipped_files_include_each_family():
+    names = {Path(f).name for f in SINGLE_IMAGE_FILES}
+    assert len(SINGLE_IMAGE_FILES) >= 60
+    assert {"CT_small.dcm", "MR_small.dcm", "RG1_UNCR.dcm", "US1_J2KR.dcm", "693_J2KI.dcm"} <= names
+
+
+@pytest.mark.parametrize("name", SINGLE_IMAGE_FILES, ids=lambda n: str(Path(n).relative_to(Path(n).parents[1])))
+def test_every_shipped_single_image_file_reads(name):
+    ds = pydicom.dcmread(name, stop_before_pixels=True)
+    image = read_image(name)
+    assert image.array.dtype == np.float32 and image.array.shape == (ds.Rows, ds.Columns)
+    assert np.all(np.isfinite(image.array)) and 0.0 <= image.array.min() <= image.array.max() <= 1.0
+
+
+@pytest.mark.parametrize("name", ["RG1", "RG3", "MR2", "US1"])
+def test_lossy_jpeg2000_stays_close_to_the_original(name):
+    original = read_dicom(dicom(f"{name}_UNCR.dcm")).array
+    lossy = read_dicom(dicom(f"{name}_J2KI.dcm")).array
+    assert np.abs(lossy - original).mean() < 0.02
+
+
+# ---------------------------------------------------------------------------------------------
+# Windows, colour, default spacing
+
+from medrpn.data.io import ReadConfig, probe_image, read_nifti  # noqa: E402
+from medrpn.data.windows import NAMED_WINDOWS, WindowConfig  # noqa: E402
+from medrpn.errors import ConfigError  # noqa: E402
+
+
+def _hounsfield(name: str) -> np.ndarray:
+    ds = pydicom.dcmread(dicom(name))
+    return ds.pixel_array * float(ds.get("RescaleSlope", 1)) + float(ds.get("RescaleIntercept", 0))
+
+
+@pytest.mark.parametrize("mode", ["ct_lung", "ct_soft_tissue", "ct_bone", "ct_brain"])
+def test_named_ct_window_follows_the_dicom_linear_formula_in_hounsfield_units(mode):
+    hu = _hounsfield("693_UNCR.dcm")
+    c, w = NAMED_WINDOWS[mode]
+    expected = np.clip((hu - (c - 0.5)) / (w - 1) + 0.5, 0, 1)  # PS3.3 C.11.2.1.2.1
+    out = read_dicom(dicom("693_UNCR.dcm"), config=ReadConfig(window=WindowConfig(mode=mode))).array
+    np.testing.assert_allclose(out, expected, atol=1e-6)
+
+
+def test_lung_window_shows_air_that_the_soft_tissue_window_flattens():
+    hu = _hounsfield("693_UNCR.dcm")
+    air = (hu > -950) & (hu < -500)  # lung parenchyma range
+    assert air.sum() > 100
+    lung = read_dicom(dicom("693_UNCR.dcm"), config=ReadConfig(window=WindowConfig(mode="ct_lung"))).array
+    soft = read_dicom(dicom("693_UNCR.dcm"), config=ReadConfig(window=WindowConfig(mode="ct_soft_tissue"))).array
+    assert lung[air].std() > 0.05 and soft[air].max() == 0.0
+
+
+def test_fixed_window_and_percentiles():
+    hu = _hounsfield("CT_small.dcm")
+    fixed = read_dicom(dicom("CT_small.dcm"), config=ReadConfig(window=WindowConfig(mode="fixed", center=100, width=500)))
+    np.testing.assert_allclose(fixed.array, np.clip((hu - 99.5) / 499 + 0.5, 0, 1), atol=1e-6)
+    pct = read_dicom(dicom("MR_small.dcm"), config=ReadConfig(window=WindowConfig(mode="percentile", percentiles=[2, 98])))
+    raw = pydicom.dcmread(dicom("MR_small.dcm")).pixel_array.astype(np.float64)
+    lo, hi = np.percentile(raw, [2, 98])
+    np.testing.assert_allclose(pct.array, np.clip((raw - lo) / (hi - lo), 0, 1), atol=1e-6)
+
+
+def test_bad_window_settings_are_config_errors():
+    with pytest.raises(ConfigError, match="unknown window 'lungs'"):
+        WindowConfig(mode="lungs")
+    with pytest.raises(ConfigError, match="needs a center and a width"):
+        WindowConfig(mode="fixed", center=40)
+    with pytest.raises(ConfigError, match="percentiles"):
+        WindowConfig(mode="percentile", percentiles=[90, 10])
+    with pytest.raises(ConfigError, match="channels must be 1 or 3"):
+        ReadConfig(channels=2)
+
+
+def test_rgb_becomes_grey_unless_colour_is_kept():
+    ds = pydicom.dcmread(dicom("SC_rgb.dcm"))
+    rgb = ds.pixel_array.astype(np.float64) / 255.0
+    grey = read_dicom(dicom("SC_rgb.dcm")).array
+    np.testing.assert_allclose(grey, rgb @ [0.299, 0.587, 0.114], atol=1e-6)
+    colour = read_dicom(dicom("SC_rgb.dcm"), config=ReadConfig(channels=3)).array
+    assert colour.shape == (*grey.shape, 3)
+    np.testing.assert_allclose(colour, rgb, atol=1e-6)
+    # a grey file with three channels asked for: the grey image three times
+    mr = read_dicom(dicom("MR_small.dcm"), config=ReadConfig(channels=3)).array
+    assert mr.shape == (64, 64, 3) and np.array_equal(mr[..., 0], mr[..., 2])
+
+
+def test_png_window_and_default_spacing(tmp_path):
+    values = np.arange(0, 1000, dtype=np.uint16).reshape(25, 40) * 60
+    path = tmp_path / "scan.png"
+    PIL.Image.fromarray(values).save(path)
+    config = ReadConfig(window=WindowConfig(mode="fixed", center=30000, width=20001), spacing=[0.49, 0.5])
+    image = read_image(path, config=config)
+    np.testing.assert_allclose(image.array, np.clip((values - 29999.5) / 20000 + 0.5, 0, 1), atol=1e-6)
+    assert image.spacing == (0.49, 0.5)
+    assert read_image(dicom("CT_small.dcm"), config=config).spacing != (0.49, 0.5)  # the file's own wins
+
+
+@pytest.mark.parametrize("name", ["CT_small.dcm", "emri_small.dcm", "RG3_J2KR.dcm"])
+def test_probe_reads_the_size_and_spacing_without_pixels(name):
+    image = read_image(dicom(name))
+    info = probe_image(dicom(name))
+    assert (info.height, info.width) == image.array.shape and info.spacing == image.spacing
+
+
+# ---------------------------------------------------------------------------------------------
+# NIfTI
+
+import nibabel as nib  # noqa: E402
+
+NIBABEL_DATA = Path(nib.__file__).parent / "tests" / "data"
+
+
+def nifti_file(name: str) -> Path:
+    path = NIBABEL_DATA / name
+    if not path.is_file():
+        pytest.skip(f"{name} is not in the installed nibabel test data")
+    return path
+
+
+def test_real_nifti_axial_slice_is_shown_anterior_up_and_patient_right_on_the_left():
+    path = nifti_file("anatomical.nii")  # stored L-A-S: voxel x runs to the patient's left
+    img = nib.load(path)
+    assert nib.aff2axcodes(img.affine) == ("L", "A", "S")
+    data = np.asarray(img.dataobj, dtype=np.float64)
+    # display rows run anterior -> posterior (voxel y reversed), columns right -> left (voxel x as stored)
+    expected = data[:, ::-1, 12].T
+    lo, hi = np.percentile(expected, [0.5, 99.5])
+    image = read_nifti(path, 12)
+    np.testing.assert_allclose(image.array, np.clip((expected - lo) / (hi - lo), 0, 1), atol=1e-6)
+    assert image.spacing == (2.0, 2.0)
+
+
+@pytest.mark.parametrize("axis", ["axial", "coronal", "sagittal"])
+def test_a_volume_stored_in_another_voxel_order_gives_the_same_slices(tmp_path, axis):
+    """nibabel's own reorientation to RAS must not change what any slice looks like."""
+    source = nifti_file("anatomical.nii")
+    canonical = nib.as_closest_canonical(nib.load(source))  # R-A-S: voxel x flipped
+    assert nib.aff2axcodes(canonical.affine) == ("R", "A", "S")
+    copy = tmp_path / "ras.nii.gz"
+    nib.save(canonical, copy)
+    n = nib.load(source).shape[{"sagittal": 0, "coronal": 1, "axial": 2}[axis]]
+    for k in (3, n // 2):
+        k_canonical = n - 1 - k if axis == "sagittal" else k  # only x was flipped
+        a = read_image(source, k, ReadConfig(axis=axis)).array
+        b = read_image(copy, k_canonical, ReadConfig(axis=axis)).array
+        assert np.array_equal(a, b)
+
+
+def test_nifti_spacing_follows_the_voxel_axes_of_the_slice():
+    path = nifti_file("standard.nii.gz")  # R-A-S, voxels 1 x 3 x 2 mm
+    assert read_image(path, 0, ReadConfig(axis="axial")).spacing == (3.0, 1.0)  # rows A-P, columns R-L
+    assert read_image(path, 0, ReadConfig(axis="coronal")).spacing == (2.0, 1.0)  # rows S-I
+    assert read_image(path, 0, ReadConfig(axis="sagittal")).spacing == (2.0, 3.0)
+    assert probe_image(path, 1, ReadConfig(axis="coronal")) [:3] == (7, 4, (2.0, 1.0))
+
+
+def test_marker_lands_where_a_radiologist_expects_it(tmp_path):
+    """A bright voxel anterior, right and superior in a RAS volume: top-left in axial and coronal views."""
+    data = np.zeros((10, 12, 8), dtype=np.float32)
+    data[8, 10, 6] = 1.0  # x=8 of 10 is to the right, y=10 of 12 anterior, z=6 of 8 superior
+    path = tmp_path / "marker.nii"
+    nib.save(nib.Nifti1Image(data, np.diag([1.0, 1.0, 1.0, 1.0])), path)
+    fixed = ReadConfig(window=WindowConfig(mode="fixed", center=0.5, width=1))
+    axial = read_image(path, 6, fixed).array  # rows A->P (12), columns R->L (10)
+    assert axial.shape == (12, 10) and np.argwhere(axial == 1).tolist() == [[1, 1]]
+    coronal = read_image(path, 10, ReadConfig(axis="coronal", window=fixed.window)).array  # rows S->I, cols R->L
+    assert coronal.shape == (8, 10) and np.argwhere(coronal == 1).tolist() == [[1, 1]]
+    sagittal = read_image(path, 8, ReadConfig(axis="sagittal", window=fixed.window)).array  # rows S->I, cols A->P
+    assert sagittal.shape == (8, 12) and np.argwhere(sagittal == 1).tolist() == [[1, 1]]
+
+
+@pytest.mark.parametrize("name", ["example4d.nii.gz", "functional.nii"])
+def test_nifti_time_series_is_the_wrong_dimensionality(name):
+    path = nifti_file(name)
+    with pytest.raises(DataError, match="expected a 2D image or a 3D volume, got a 4D array") as err:
+        read_image(path, 0)
+    assert err.value.path == str(path)
+
+
+def test_nifti_slice_must_be_named_and_exist(tmp_path):
+    path = nifti_file("anatomical.nii")
+    with pytest.raises(DataError, match="25 axial slices: the annotation must say which slice"):
+        read_image(path)
+    with pytest.raises(DataError, match="slice 25 requested but the volume has 25 axial slices"):
+        read_image(path, 25)
+
+
+@pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
+def test_truncated_nifti(tmp_path, suffix):
+    """Only the slice asked for is read: a cut before it is reported, naming the file."""
+    whole_file = tmp_path / f"anatomical{suffix}"
+    nib.save(nib.load(nifti_file("anatomical.nii")), whole_file)
+    whole = whole_file.read_bytes()
+    cut = tmp_path / f"cut{suffix}"
+    cut.write_bytes(whole[: len(whole) // 3])
+    with pytest.raises(DataError, match="truncated or corrupt") as err:
+        read_image(cut, 24)
+    assert err.value.path == str(cut)

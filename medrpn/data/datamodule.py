@@ -1,31 +1,68 @@
-"""The `LightningDataModule`: annotations in, patient-level splits, loaders of batches out."""
+"""The `LightningDataModule`: annotations in, patient-level splits, checked and cached images, loaders out.
+
+Bad input follows the `on_error` policy, always before the first training step:
+- ``skip``: every problem (bad annotation row, unknown class, box outside its image, missing or
+  unreadable image) is logged, the image it touches is left out, and the list is written to
+  ``data_problems.csv`` in the trainer's folder (or the working directory);
+- ``fail``: the first problem stops the run with a message naming the file (and row).
+Annotation problems are found when the module is built, image problems in `setup` while the
+images are decoded into the cache (`medrpn.data.cache`). Should a file still fail later, the
+dataset skips it and goes on: an epoch never dies on data.
+"""
 
 from __future__ import annotations
 
+import logging
+from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 from torch.utils.data import DataLoader
 
 from medrpn.data.annotations import read_annotations
 from medrpn.data.batch import collate_detection
+from medrpn.data.cache import CacheConfig, ImageCache
 from medrpn.data.dataset import DetectionDataset
-from medrpn.data.splits import split_by_patient
+from medrpn.data.formats.common import check_box
+from medrpn.data.fusion import FusionConfig
+from medrpn.data.io import ReadConfig
+from medrpn.data.problems import Problems
+from medrpn.data.records import Record
+from medrpn.data.splits import SPLITS, SplitConfig, group_keys, kfold_by_patient, split_by_patient
 from medrpn.data.transforms import AugmentConfig, build_transform
+from medrpn.errors import DataError
+
+log = logging.getLogger(__name__)
+
+REPORT_NAME = "data_problems.csv"
+
+
+def _as(cls: type, value: Any) -> Any:
+    """Accept a settings dataclass, or the plain dict stored in a checkpoint or a YAML file."""
+    return value if isinstance(value, cls) else cls(**(value or {}))
 
 
 class LesionDataModule(L.LightningDataModule):
-    """Owns the dataset: reads the annotation file, splits it by patient, serves loaders.
+    """Owns the dataset: reads the annotations, splits them by patient, checks and caches images, serves loaders.
 
     Args:
-        annotations: a COCO JSON or CSV annotation file (image paths relative to it).
+        annotations: the annotation file (COCO/MONAI JSON, CSV, VinDr/RSNA/NIH CSV) or YOLO
+            folder/data.yaml; image paths are relative to it (see `medrpn.data.annotations`).
         class_names: lesion class names in label order; by default taken from the annotations.
         image_size: side of the square network input (longest image side is resized to it).
         val_fraction / test_fraction: share of images (whole patients) held out for each.
         split_seed: seed of the patient shuffle; the same seed gives the same split.
         batch_size: images per batch and process.
-        num_workers: DataLoader worker processes.
+        num_workers: DataLoader worker processes (also used to fill the cache).
         augment: training augmentation (validation and test are never augmented).
+        format: annotation format (see `medrpn.data.annotations.FORMATS`); None detects it.
+        image_dir: image folder for formats that name images by id (vindr, rsna, nih).
+        fusion: how VinDr-CXR's readers are fused (`medrpn.data.fusion`).
+        read: how image files become arrays: window, channels, NIfTI axis, default spacing.
+        split: patient grouping rule, stratification and k-fold settings.
+        cache: where decoded images are kept ("memory", "disk" or "none").
+        on_error: "skip" (leave bad images out, with a written report) or "fail" (stop at the first).
     """
 
     def __init__(
@@ -39,20 +76,120 @@ class LesionDataModule(L.LightningDataModule):
         batch_size: int = 8,
         num_workers: int = 2,
         augment: AugmentConfig = AugmentConfig(),
+        format: str | None = None,
+        image_dir: str | None = None,
+        fusion: FusionConfig = FusionConfig(),
+        read: ReadConfig = ReadConfig(),
+        split: SplitConfig = SplitConfig(),
+        cache: CacheConfig = CacheConfig(),
+        on_error: str = "skip",
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(logger=False)
-        self.records, self.class_names = read_annotations(Path(annotations), class_names)
-        self.splits = split_by_patient(self.records, val_fraction, test_fraction, split_seed)
+        self.augment = _as(AugmentConfig, augment)
+        self.fusion = _as(FusionConfig, fusion)
+        self.read = ReadConfig.parse(read)
+        self.split = _as(SplitConfig, split)
+        self.cache_config = _as(CacheConfig, cache)
+        self.problems = Problems(on_error)
+        self.save_hyperparameters(
+            {
+                "annotations": str(annotations),
+                "class_names": class_names,
+                "image_size": image_size,
+                "val_fraction": val_fraction,
+                "test_fraction": test_fraction,
+                "split_seed": split_seed,
+                "batch_size": batch_size,
+                "num_workers": num_workers,
+                "augment": asdict(self.augment),
+                "format": format,
+                "image_dir": image_dir,
+                "fusion": asdict(self.fusion),
+                "read": self.read.as_dict(),
+                "split": asdict(self.split),
+                "cache": asdict(self.cache_config),
+                "on_error": on_error,
+            },
+            logger=False,
+        )
         self.image_size = image_size
         self.batch_size = batch_size
         self.num_workers = num_workers
-        self.augment = augment
+        self.records, self.class_names = read_annotations(
+            Path(annotations), class_names, format, self.problems, image_dir, self.fusion, self.read
+        )
+        self.groups = dict(zip((r.key for r in self.records), group_keys(self.records, self.split.group_blocks)))
+        self.splits = self._split(self.records)
+        self.images = ImageCache(self.cache_config, self.read, image_size)
+        self._checked = False
+
+    def _split(self, records: list[Record]) -> dict[str, list[Record]]:
+        hp = self.hparams
+        groups = [self.groups[r.key] for r in records]
+        stratify = self.split.stratify
+        if self.split.num_folds is None:
+            return split_by_patient(records, hp.val_fraction, hp.test_fraction, hp.split_seed, groups, stratify)
+        held = split_by_patient(records, 0.0, hp.test_fraction, hp.split_seed, groups, stratify)
+        rest = held["train"]
+        folds = kfold_by_patient(rest, self.split.num_folds, hp.split_seed, [self.groups[r.key] for r in rest], stratify)
+        val = folds[self.split.fold]
+        train = [r for i, fold in enumerate(folds) if i != self.split.fold for r in fold]
+        return {"train": train, "val": val, "test": held["test"]}
+
+    def check_images(self, keep: bool = True) -> None:
+        """Decode (or, with cache "none", probe) every image once and check its boxes against its size.
+
+        Under "skip" the images with a problem leave their split; under "fail" the first problem raises.
+        Runs once, from `setup`, before the first step. `keep=False` checks without keeping the
+        decoded pixels in memory (for `medrpn check-data`).
+        """
+        if self._checked:
+            return
+        records = [r for name in SPLITS for r in self.splits[name]]
+        estimate = len(records) * self.image_size**2 * 2 * self.read.channels / 2**20
+        if self.cache_config.mode == "memory" and keep:
+            log.info("Caching %d images in memory (about %.0f MiB)", len(records), estimate)
+
+        def unreadable(record: Record, error: DataError) -> None:
+            kind = "missing_image" if error.reason == "file not found" else "unreadable_image"
+            self.problems.add(kind, error, record.key)
+
+        self.images.fill(records, self.num_workers, unreadable, keep)
+        for record in records:
+            size = self.images.sizes.get(record.key)
+            if size is None:
+                continue
+            for box, row in zip(record.boxes, record.box_rows):
+                source = record.source or record.image_path
+                check_box(box, source, None if row < 0 else int(row), self.problems, record.key, size)
+        bad = self.problems.images
+        self.splits = {name: [r for r in part if r.key not in bad] for name, part in self.splits.items()}
+        self._checked = True
+
+    def _report_dir(self) -> Path:
+        trainer = getattr(self, "_trainer", None)
+        root = getattr(trainer, "default_root_dir", None) if trainer is not None else None
+        return Path(root) if root else Path.cwd()
+
+    def setup(self, stage: str | None = None) -> None:
+        """Check every image before the first step; under "skip", write the list of what was left out."""
+        if self._checked:
+            return
+        self.check_images()
+        trainer = getattr(self, "_trainer", None)
+        if len(self.problems) and (trainer is None or trainer.is_global_zero):
+            report = self.problems.write_report(self._report_dir() / REPORT_NAME)
+            log.warning(
+                "%d data problem(s); %d image(s) left out of training (on_error: skip). The list: %s",
+                len(self.problems),
+                len(self.problems.images),
+                report,
+            )
 
     def dataset(self, split: str) -> DetectionDataset:
         """The dataset of one split ("train", "val" or "test")."""
         augment = self.augment if split == "train" else None
-        return DetectionDataset(self.splits[split], build_transform(self.image_size, augment), self.image_size)
+        return DetectionDataset(self.splits[split], build_transform(self.image_size, augment), self.image_size, self.images)
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         return DataLoader(

@@ -1,14 +1,16 @@
 """A map-style dataset of annotated images that survives bad files.
 
-An image that cannot be read is reported (a warning naming the file and the reason, once per
-file and process) and yields `None`, which the collate function drops, so one broken file never
+Images come from an `ImageCache` (decoded, windowed and fitted to the input size once); the
+per-epoch work is padding and augmentation. An image that cannot be read, or a sample that cannot
+be made for any other reason, is reported (a warning naming the file and the reason, once per
+file and process) and yields `None`, which the collate function drops: one broken file never
 stops an epoch.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import albumentations as A
@@ -16,8 +18,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from medrpn.data.io import read_image
-from medrpn.data.records import Image, Record
+from medrpn.data.cache import CacheConfig, ImageCache
+from medrpn.data.io import ReadConfig
+from medrpn.data.records import Record
 from medrpn.data.transforms import fit_scale
 from medrpn.errors import DataError
 
@@ -33,7 +36,8 @@ class DetectionDataset(Dataset):
         records: the images and their boxes.
         transform: an albumentations transform from `medrpn.data.transforms.build_transform`.
         image_size: the side of the transform's output (to compute the resize factor).
-        reader: path -> `Image`; `medrpn.data.io.read_image` by default.
+        images: where prepared images come from; by default every file is read on access
+            with the default `ReadConfig`.
     """
 
     def __init__(
@@ -41,12 +45,12 @@ class DetectionDataset(Dataset):
         records: Sequence[Record],
         transform: A.Compose,
         image_size: int,
-        reader: Callable[[Any], Image] = read_image,
+        images: ImageCache | None = None,
     ) -> None:
         self.records = list(records)
         self.transform = transform
         self.image_size = image_size
-        self.reader = reader
+        self.images = images or ImageCache(CacheConfig(mode="none"), ReadConfig(), image_size)
         self._reported: set[str] = set()
 
     def __len__(self) -> int:
@@ -55,13 +59,20 @@ class DetectionDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any] | None:
         record = self.records[index]
         try:
-            image = self.reader(record.image_path)
+            return self._sample(record)
         except DataError as error:
-            self._report(str(record.image_path), error.reason)
-            return None
-        height, width = image.array.shape
+            self._report(record.key, error.path, error.reason)
+        except Exception as error:  # never let one image end an epoch
+            self._report(record.key, str(record.image_path), f"{type(error).__name__}: {error}")
+        return None
+
+    def _sample(self, record: Record) -> dict[str, Any]:
+        prepared = self.images.get(record)
+        height, width = prepared.original_size
+        fitted_h, fitted_w = prepared.array.shape[:2]
         boxes = np.clip(record.boxes, 0, [width, height, width, height])
-        out = self.transform(image=image.array, bboxes=boxes, labels=record.labels)
+        boxes = boxes * np.array([fitted_w / width, fitted_h / height] * 2, dtype=np.float32)
+        out = self.transform(image=prepared.array, bboxes=boxes, labels=record.labels)
         pixels = np.asarray(out["image"], dtype=np.float32)
         return {
             "image": torch.from_numpy(pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1).copy()),
@@ -73,12 +84,12 @@ class DetectionDataset(Dataset):
                 "path": str(record.image_path),
                 "scale": fit_scale(height, width, self.image_size),
                 "original_size": (height, width),
-                "spacing": image.spacing,
-                "uids": {k: image.meta[k] for k in _UID_KEYS if k in image.meta},
+                "spacing": prepared.spacing,
+                "uids": {k: prepared.meta[k] for k in _UID_KEYS if k in prepared.meta},
             },
         }
 
-    def _report(self, path: str, reason: str) -> None:
-        if path not in self._reported:
-            self._reported.add(path)
+    def _report(self, key: str, path: str, reason: str) -> None:
+        if key not in self._reported:
+            self._reported.add(key)
             log.warning("Skipping unreadable image %s: %s", path, reason)

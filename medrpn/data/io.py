@@ -1,243 +1,240 @@
-"""Reading one 2D image file (DICOM, PNG, JPEG) into an `Image` whose intensities lie in [0, 1].
+"""Reading one 2D image (DICOM, NIfTI slice, PNG, JPEG) into an `Image` whose intensities lie in [0, 1].
 
-DICOM goes through plain pydicom (not MONAI's LoadImage, about 3x slower on 16-bit files) and the
-standard display pipeline: decode -> Modality LUT -> VOI LUT or window -> [0, 1] -> invert
-MONOCHROME1, so that bright means dense in every image the detector sees. PNG and JPEG go through
-PIL and are scaled by their bit depth. Every failure a user can meet (missing file, not an image,
-a DICOM without pixels, no decoder, truncated data) is a `DataError` naming the file.
+`read_image` picks the reader from the file's content (a DICOM preamble), else its suffix. How
+intensities are windowed, whether colour is kept, which NIfTI axis is sliced and what spacing a
+PNG has are the `ReadConfig` (`data.read` in a config). DICOM goes through plain pydicom
+(`medrpn.data.dicom`), NIfTI through nibabel (`medrpn.data.nifti`), PNG/JPEG through PIL.
+Every failure a user can meet is a `DataError` naming the file.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import numpy as np
 import PIL.Image
-import pydicom
-from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
-from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi, apply_windowing, get_decoder, pixel_array
 
+from medrpn.data import dicom, nifti
 from medrpn.data.records import Image
-from medrpn.errors import DataError
+from medrpn.data.windows import WindowConfig, linear_window, percentile_window
+from medrpn.errors import ConfigError, DataError
 
-# Luminance weights of ITU-R BT.601, the ones PIL uses for its "L" mode.
-_LUMA = np.array([0.299, 0.587, 0.114])
-
-# Percentiles mapped to 0 and 1 when a DICOM file carries no VOI LUT and no window.
-_PERCENTILES = (0.5, 99.5)
-
-# Identifiers copied into `Image.meta` (never pixel data, never the patient's name).
-META_KEYWORDS = (
-    "SOPInstanceUID",
-    "SeriesInstanceUID",
-    "StudyInstanceUID",
-    "Modality",
-    "PatientID",
-    "PhotometricInterpretation",
-    "Rows",
-    "Columns",
-)
-
-_PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+META_KEYWORDS = dicom.META_KEYWORDS
 
 
-def read_image(path: str | Path) -> Image:
-    """Read a DICOM, PNG or JPEG file, choosing the reader from the file's content, else its suffix.
+@dataclass
+class ReadConfig:
+    """How image files become arrays in [0, 1].
+
+    Attributes:
+        window: intensity window (see `medrpn.data.windows`): the file's own, a named CT window,
+            a fixed centre/width or percentiles.
+        channels: 1 turns colour images grey (ITU-R BT.601 luminance); 3 keeps colour as
+            (H, W, 3) and repeats grey images into three channels (set the backbone's
+            in_channels to match).
+        axis: the plane NIfTI volumes are sliced in: "axial", "coronal" or "sagittal".
+        spacing: pixel spacing (row, column) in mm assumed for images that carry none (PNG,
+            JPEG); None leaves it unknown (no millimetres in check-data or findings).
+    """
+
+    window: WindowConfig = field(default_factory=WindowConfig)
+    channels: int = 1
+    axis: str = "axial"
+    spacing: list[float] | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.window, dict):
+            self.window = WindowConfig(**self.window)
+        if self.channels not in (1, 3):
+            raise ConfigError(f"data.read.channels must be 1 or 3, got {self.channels}")
+        if self.axis not in nifti.AXES:
+            raise ConfigError(f"data.read.axis: unknown slice axis {self.axis!r}; choose one of {', '.join(nifti.AXES)}")
+        if self.spacing is not None and (len(self.spacing) != 2 or min(self.spacing) <= 0):
+            raise ConfigError(f"data.read.spacing must be two positive numbers (row, column) mm, got {self.spacing}")
+
+    @classmethod
+    def parse(cls, value: ReadConfig | dict[str, Any] | None) -> ReadConfig:
+        """Accept the dataclass, the plain dict stored in a checkpoint, or None (defaults)."""
+        if isinstance(value, cls):
+            return value
+        return cls(**(value or {}))
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def read_image(path: str | Path, frame: int | None = None, config: ReadConfig | None = None) -> Image:
+    """Read a DICOM, NIfTI, PNG or JPEG file as one 2D image.
 
     A file whose bytes 128-131 spell ``DICM`` is DICOM whatever its name (DICOM files are often
     named by UID, e.g. ``1.2.840.113619.3``); so is one ending in ``.dcm``/``.dicom`` or with no suffix.
-    """
-    path = _existing_file(path)
-    if _has_dicom_magic(path):
-        return read_dicom(path)
-    reader = _READERS.get(path.suffix.lower())
-    if reader is None:
-        known = ", ".join(repr(s) if s else "no suffix" for s in _READERS)
-        raise DataError(path, f"unknown image type {path.suffix!r}: expected one of {known}")
-    return reader(path)
-
-
-def read_dicom(path: str | Path, frame: int = 0) -> Image:
-    """Read one frame of a DICOM file as a grey image in [0, 1], bright = dense.
 
     Args:
-        path: the DICOM file (compressed transfer syntaxes decode through the pylibjpeg plugins).
-        frame: which frame of a multi-frame file to return (0-based).
-
-    Grey images pass the Modality LUT (rescale slope/intercept or a LUT sequence), then the file's
-    first VOI LUT, else its first window, mapped onto [0, 1] by that transform's output range; a file
-    with neither is stretched between its 0.5th and 99.5th percentiles. MONOCHROME1 is inverted.
-    Colour images (RGB, YBR_*, PALETTE COLOR) become their luminance, scaled by their bit depth.
+        path: the image file.
+        frame: frame of a multi-frame DICOM, or slice of a NIfTI volume; None for the first/only one.
+        config: reading settings; defaults to `ReadConfig()`.
     """
     path = _existing_file(path)
-    ds = _read_dataset(path)
-    arr = _decode_frame(ds, path, frame)
-    if arr.ndim == 3:
-        unit = _luminance(arr) / (2 ** int(ds.BitsStored) - 1)
-    elif ds.get("PhotometricInterpretation") == "PALETTE COLOR":
-        try:
-            rgb = apply_color_lut(arr, ds)
-        except Exception as e:
-            raise DataError(path, f"the palette colour lookup table is invalid ({e})") from e
-        unit = _luminance(rgb) / np.iinfo(rgb.dtype).max
-    else:
-        unit = _grey_to_unit(arr, ds, path)
-        if ds.get("PhotometricInterpretation") == "MONOCHROME1":
-            unit = 1.0 - unit
-    return Image(array=unit.astype(np.float32), spacing=_spacing(ds), meta=_meta(ds))
+    config = config or ReadConfig()
+    reader = _reader_for(path)
+    image = reader(path, frame, config)
+    if image.spacing is None and config.spacing is not None:
+        image.spacing = (float(config.spacing[0]), float(config.spacing[1]))
+    return image
 
 
-def read_png(path: str | Path) -> Image:
-    """Read a PNG or JPEG file with PIL as a grey image in [0, 1] (colour -> luminance).
+def read_dicom(path: str | Path, frame: int = 0, config: ReadConfig | None = None) -> Image:
+    """One frame of a DICOM file (see `medrpn.data.dicom.decode_dicom`)."""
+    config = config or ReadConfig()
+    array, spacing, meta = dicom.decode_dicom(_existing_file(path), frame or 0, config.window, config.channels == 3)
+    return Image(_channels(array, config.channels), spacing, meta)
 
-    8-bit images are divided by 255 and 16-bit ones by 65535; there is no spacing in these formats.
+
+def read_nifti(path: str | Path, frame: int | None = None, config: ReadConfig | None = None) -> Image:
+    """One slice of a NIfTI volume (see `medrpn.data.nifti.decode_nifti`)."""
+    config = config or ReadConfig()
+    array, spacing, meta = nifti.decode_nifti(_existing_file(path), frame, config.axis, config.window)
+    return Image(_channels(array, config.channels), spacing, meta)
+
+
+def read_png(path: str | Path, frame: int | None = None, config: ReadConfig | None = None) -> Image:
+    """Read a PNG or JPEG file with PIL into [0, 1]; there is no spacing in these formats.
+
+    Window "file": 8-bit images are divided by 255 and 16-bit ones by 65535. "fixed" and named
+    windows apply to the stored values, "percentile" to the image's own percentiles.
+    Colour images become their luminance (or stay RGB with `channels: 3`).
     """
     path = _existing_file(path)
+    config = config or ReadConfig()
+    if frame not in (None, 0):
+        raise DataError(path, f"frame {frame} requested but a PNG/JPEG file holds one image")
     try:
         with PIL.Image.open(path) as img:
             img.load()
             if img.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit grey ("I" in older Pillow)
-                arr = np.asarray(img).astype(np.float64) / 65535.0
+                raw, full = np.asarray(img).astype(np.float32), 65535.0
             elif img.mode == "L":
-                arr = np.asarray(img).astype(np.float64) / 255.0
+                raw, full = np.asarray(img).astype(np.float32), 255.0
             else:  # RGB, RGBA, palette, 1-bit, grey + alpha, CMYK ...
-                arr = _luminance(np.asarray(img.convert("RGB"))) / 255.0
+                raw, full = np.asarray(img.convert("RGB")).astype(np.float64), 255.0
+                if config.channels == 1:
+                    raw = dicom.luminance(raw)
     except PIL.UnidentifiedImageError as e:
         raise DataError(path, "not a readable PNG or JPEG image (empty file or unknown content)") from e
+    except PermissionError as e:
+        raise DataError(path, "permission denied") from e
     except (OSError, ValueError, SyntaxError) as e:
         raise DataError(path, f"image data is truncated or corrupt ({e})") from e
-    if arr.ndim != 2 or arr.size == 0:
-        raise DataError(path, f"expected a 2D image, got an array of shape {arr.shape}")
-    return Image(array=np.clip(arr, 0.0, 1.0).astype(np.float32), spacing=None, meta={})
+    if raw.ndim not in (2, 3) or raw.size == 0:
+        raise DataError(path, f"expected a 2D image, got an array of shape {raw.shape}")
+    window = config.window
+    if window.fixed_window is not None:
+        unit = linear_window(raw, *window.fixed_window)
+    elif window.mode == "percentile":
+        unit = percentile_window(raw, window.percentiles)
+    else:
+        unit = raw / full
+    return Image(_channels(np.clip(unit, 0.0, 1.0), config.channels), None, {})
 
 
-_READERS: dict[str, Callable[[Path], Image]] = {
-    ".dcm": read_dicom,
-    ".dicom": read_dicom,
-    "": read_dicom,
+class ImageInfo(NamedTuple):
+    """What the header of an image file says: size, spacing (row, col) mm or None, identifiers."""
+
+    height: int
+    width: int
+    spacing: tuple[float, float] | None
+    meta: dict[str, Any]
+
+
+def probe_image(path: str | Path, frame: int | None = None, config: ReadConfig | None = None) -> ImageInfo:
+    """Size, spacing and identifiers of an image without decoding its pixels.
+
+    Checks what can be checked cheaply (file exists, header parses, a DICOM holds pixel data with an
+    installed decoder, the frame/slice exists, a NIfTI has the right dimensionality); a file cut
+    inside its pixel data still passes and fails later in `read_image`.
+    """
+    path = _existing_file(path)
+    config = config or ReadConfig()
+    reader = _reader_for(path)
+    default = None if config.spacing is None else (float(config.spacing[0]), float(config.spacing[1]))
+    if reader is _read_dicom_any:
+        height, width, spacing, meta = dicom.probe_dicom(path, frame or 0)
+        return ImageInfo(height, width, spacing or default, meta)
+    if reader is _read_nifti_any:
+        return ImageInfo(*nifti.probe_nifti(path, frame, config.axis))
+    try:
+        with PIL.Image.open(path) as img:
+            width, height = img.size
+    except PIL.UnidentifiedImageError as e:
+        raise DataError(path, "not a readable PNG or JPEG image (empty file or unknown content)") from e
+    except OSError as e:
+        raise DataError(path, f"unreadable image ({e})") from e
+    if frame not in (None, 0):
+        raise DataError(path, f"frame {frame} requested but a PNG/JPEG file holds one image")
+    return ImageInfo(height, width, default, {})
+
+
+def _read_dicom_any(path: Path, frame: int | None, config: ReadConfig) -> Image:
+    return read_dicom(path, frame or 0, config)
+
+
+def _read_nifti_any(path: Path, frame: int | None, config: ReadConfig) -> Image:
+    return read_nifti(path, frame, config)
+
+
+_READERS: dict[str, Callable[[Path, int | None, ReadConfig], Image]] = {
+    ".dcm": _read_dicom_any,
+    ".dicom": _read_dicom_any,
+    "": _read_dicom_any,
     ".png": read_png,
     ".jpg": read_png,
     ".jpeg": read_png,
+    ".nii": _read_nifti_any,
+    ".nii.gz": _read_nifti_any,
 }
+IMAGE_SUFFIXES = tuple(_READERS)
+
+
+def _reader_for(path: Path) -> Callable[[Path, int | None, ReadConfig], Image]:
+    if _has_dicom_magic(path):
+        return _read_dicom_any
+    suffix = ".nii.gz" if nifti.is_nifti(path) and path.name.lower().endswith(".gz") else path.suffix.lower()
+    reader = _READERS.get(suffix)
+    if reader is None:
+        known = ", ".join(repr(s) if s else "no suffix" for s in _READERS)
+        raise DataError(path, f"unknown image type {path.suffix!r}: expected one of {known}")
+    return reader
+
+
+def _channels(array: np.ndarray, channels: int) -> np.ndarray:
+    """float32 (H, W) for one channel, (H, W, 3) for three (grey repeated)."""
+    array = np.asarray(array, dtype=np.float32)
+    if channels == 3 and array.ndim == 2:
+        return np.repeat(array[..., None], 3, axis=2)
+    return array
 
 
 def _existing_file(path: str | Path) -> Path:
     path = Path(path)
-    if not path.exists():
-        raise DataError(path, "file not found")
-    if not path.is_file():
-        raise DataError(path, "not a file (is it a directory?)")
+    try:
+        if not path.exists():
+            raise DataError(path, "file not found")
+        if not path.is_file():
+            raise DataError(path, "not a file (is it a directory?)")
+    except PermissionError as e:
+        raise DataError(path, "permission denied (its folder cannot be read)") from e
     return path
 
 
 def _has_dicom_magic(path: Path) -> bool:
-    with open(path, "rb") as f:
-        head = f.read(132)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(132)
+    except PermissionError as e:
+        raise DataError(path, "permission denied") from e
+    except OSError as e:
+        raise DataError(path, f"unreadable file ({e})") from e
     return head[128:132] == b"DICM"
-
-
-def _read_dataset(path: Path) -> Dataset:
-    """Parse the file and make sure it holds an image; pixel data stays encoded."""
-    try:
-        ds = pydicom.dcmread(path)
-    except InvalidDicomError as e:
-        raise DataError(path, "not a DICOM file (no 'DICM' marker after the 128-byte preamble)") from e
-    except Exception as e:  # pydicom raises many types on damaged headers
-        raise DataError(path, f"unreadable DICOM header, the file may be truncated or corrupt ({e})") from e
-    if not any(k in ds for k in _PIXEL_KEYWORDS):
-        sop_class = ds.get("SOPClassUID") or ds.file_meta.get("MediaStorageSOPClassUID")
-        kind = sop_class.name if sop_class else "DICOM object of unknown type"
-        # pydicom stops quietly where a file is cut off (dropping the whole data set when a
-        # compressed pixel element is cut), so an image without pixels is a truncated one
-        if len(ds) == 0 or "Rows" in ds or "Image" in kind:
-            raise DataError(path, f"no pixel data in this {kind} file: it looks truncated or corrupt")
-        raise DataError(
-            path,
-            f"this DICOM file has no pixel data: it is a {kind}, not an image "
-            "(structured reports and presentation states hold no pixels)",
-        )
-    return ds
-
-
-def _decode_frame(ds: Dataset, path: Path, frame: int) -> np.ndarray:
-    """Decode one frame: (H, W) for grey and palette, (H, W, 3) RGB for colour (YBR converted)."""
-    n_frames = int(ds.get("NumberOfFrames") or 1)
-    if not 0 <= frame < n_frames:
-        raise DataError(path, f"frame {frame} requested but the file has {n_frames} frame(s)")
-    ts = ds.file_meta.get("TransferSyntaxUID")
-    if ts is not None:
-        try:
-            decoder = get_decoder(ts)
-        except NotImplementedError as e:
-            raise DataError(path, f"no decoder exists for transfer syntax '{ts.name}' ({ts})") from e
-        if not decoder.is_available:
-            options = "; ".join(decoder.missing_dependencies) or "a pydicom decoding plugin"
-            raise DataError(
-                path, f"no installed decoder for transfer syntax '{ts.name}' ({ts}); install one of: {options}"
-            )
-    try:
-        return pixel_array(ds, index=frame)
-    except Exception as e:  # ValueError for short data, RuntimeError from codecs, ...
-        raise DataError(path, f"the pixel data is truncated or corrupt ({e})") from e
-
-
-def _grey_to_unit(arr: np.ndarray, ds: Dataset, path: Path) -> np.ndarray:
-    """Modality LUT, then VOI LUT / window / percentiles, mapped and clipped into [0, 1].
-
-    A VOI LUT or window pydicom rejects (e.g. a zero window width) falls back to percentiles:
-    a bad display hint should not make the pixels unusable.
-    """
-    try:
-        values = apply_modality_lut(arr, ds)
-    except Exception as e:
-        raise DataError(path, f"the Modality LUT (rescale slope/intercept or LUT sequence) is invalid ({e})") from e
-    try:
-        out, lo, hi = _voi(values, ds)
-    except (ValueError, TypeError, IndexError, AttributeError):
-        out, lo, hi = values, *np.percentile(values, _PERCENTILES)
-    out = np.asarray(out, dtype=np.float64)
-    if hi == lo:  # a flat image: all zeros rather than a division by zero
-        return np.zeros(out.shape)
-    return np.clip((out - lo) / (hi - lo), 0.0, 1.0)
-
-
-def _voi(values: np.ndarray, ds: Dataset) -> tuple[np.ndarray, float, float]:
-    """Apply the file's first VOI LUT, else its first window, else nothing; with the output range."""
-    if ds.get("VOILUTSequence"):
-        bits = int(ds.VOILUTSequence[0].LUTDescriptor[2])
-        return apply_voi(values, ds, index=0), 0.0, 2.0**bits - 1
-    if ds.get("WindowCenter") is not None and ds.get("WindowWidth") is not None:
-        # pydicom sends values below/above the window to the ends of its output range; ask it for
-        # them instead of re-deriving its rules (bit depth, signedness, rescale, modality LUT).
-        lo, hi = apply_windowing(np.array([-np.inf, np.inf]), ds, index=0)
-        return apply_windowing(values, ds, index=0), float(lo), float(hi)
-    lo, hi = np.percentile(values, _PERCENTILES)
-    return values, float(lo), float(hi)
-
-
-def _luminance(rgb: np.ndarray) -> np.ndarray:
-    return rgb[..., :3].astype(np.float64) @ _LUMA
-
-
-def _spacing(ds: Dataset) -> tuple[float, float] | None:
-    """PixelSpacing, else ImagerPixelSpacing, as (row, column) mm; None if absent or not positive."""
-    for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
-        value = ds.get(keyword)
-        try:
-            row, col = (float(v) for v in value)
-        except (TypeError, ValueError):
-            continue
-        if row > 0 and col > 0:
-            return (row, col)
-    return None
-
-
-def _meta(ds: Dataset) -> dict[str, str | int]:
-    meta: dict[str, str | int] = {}
-    for keyword in META_KEYWORDS:
-        value = ds.get(keyword)
-        if value is not None and value != "":
-            meta[keyword] = int(value) if keyword in ("Rows", "Columns") else str(value)
-    return meta
