@@ -1,38 +1,110 @@
-"""Findings for new images: read, detect with a trained checkpoint, write JSON and overlays.
+"""Findings for new images: a file or a folder tree in, one output folder per study out.
 
-The checkpoint carries everything needed (classes, detector settings, input size), so no training
-config is required. Files that cannot be read are listed with the reason and skipped; the run
-goes on.
+The run, in order:
+
+1. **scan** the input (`scan_inputs`): DICOM files are recognised by content (the ``DICM``
+   marker) or name (``.dcm``, ``.dicom``, no suffix), their headers read without pixels and grouped
+   by StudyInstanceUID (ordered by series and instance number; each frame of a multi-frame file is
+   an image). DICOM objects that are not images (structured reports, RT structure sets,
+   presentation states...) are noted and skipped; files whose header cannot be read are listed
+   with the reason. PNG/JPEG files and NIfTI slices are grouped by the folder they are in.
+2. **keep existing outputs**: a study whose output folder already holds medrpn outputs is left
+   alone (and not even analysed) unless ``overwrite`` is set.
+3. **detect** with the model loaded once, in batches; DataLoader worker processes read and
+   transform the next images while the model runs (`num_workers`). An image that cannot be
+   decoded is listed with the reason; the run goes on.
+4. **write** per study (`medrpn.outputs.study`): overlay PNGs, DICOM SR, GSPS, findings JSON.
+
+The checkpoint carries everything needed (classes, detector settings, input size, how images were
+read in training), so no training config is required. The score threshold is, in order: the one
+given, the checkpoint's ``operating_point["score_threshold"]`` (chosen on validation data), or
+0.5; the findings JSON, SR and GSPS say which. Nothing printed names a patient: messages carry
+file paths and reasons only.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
+import re
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pydicom
 import torch
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from torch.utils.data import DataLoader
 from torchvision.ops import clip_boxes_to_image
 
 from medrpn import __version__
-from medrpn.data.io import read_image
+from medrpn.data import nifti
+from medrpn.data.io import ReadConfig, read_image
 from medrpn.data.transforms import build_transform, fit_scale
-from medrpn.errors import DataError, MedrpnError
-from medrpn.outputs import make_findings, write_findings_json, write_overlay_png
+from medrpn.errors import ConfigError, DataError, MedrpnError
+from medrpn.outputs import ImageFindings, ModelInfo, make_findings
+from medrpn.outputs.overlay import to_display_uint8
+from medrpn.outputs.references import reference_header
+from medrpn.outputs.study import StudyOutputs, existing_outputs
 from medrpn.training import LesionDetectionModule
 
-IMAGE_SUFFIXES = {".dcm", ".dicom", ".png", ".jpg", ".jpeg", ""}
+DEFAULT_SCORE_THRESHOLD = 0.5
+DICOM_SUFFIXES = {".dcm", ".dicom", ""}
+RASTER_SUFFIXES = {".png", ".jpg", ".jpeg"}
 
 
 @dataclass
 class PredictReport:
-    """What a prediction run did: files written, images without findings, files skipped."""
+    """What a prediction run did.
 
-    written: list[Path] = field(default_factory=list)
+    Attributes:
+        images: images (frames, slices) analysed.
+        findings: findings reported (at or above the threshold).
+        studies: output folders written (one per DICOM study, one per folder of other images).
+        written: every file written.
+        skipped: ``(file, reason)`` for inputs that could not be read.
+        notes: ``(file, note)`` for inputs left out on purpose (DICOM objects that are not images).
+        kept: output folders left as they were because they already held outputs.
+        ignored: files of other types in the input folder (not DICOM, PNG, JPEG or NIfTI).
+        score_threshold / threshold_source: the threshold used and where it came from.
+    """
+
+    images: int = 0
     findings: int = 0
+    studies: list[Path] = field(default_factory=list)
+    written: list[Path] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    notes: list[tuple[str, str]] = field(default_factory=list)
+    kept: list[Path] = field(default_factory=list)
+    ignored: int = 0
+    score_threshold: float = DEFAULT_SCORE_THRESHOLD
+    threshold_source: str = "default"
+
+
+# ---------------------------------------------------------------------------------------------
+# the checkpoint
+
+
+def _read_checkpoint(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise MedrpnError(f"{path}: checkpoint not found")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # unpickling refused or a damaged file
+        raise MedrpnError(f"{path}: not a loadable medrpn checkpoint ({error.__class__.__name__}: {error})") from None
+    if not isinstance(checkpoint, dict) or "hyper_parameters" not in checkpoint or "state_dict" not in checkpoint:
+        raise MedrpnError(f"{path}: not a medrpn checkpoint (no hyper_parameters/state_dict)")
+    return checkpoint
+
+
+def _build_module(checkpoint: dict[str, Any]) -> LesionDetectionModule:
+    module = LesionDetectionModule(**checkpoint["hyper_parameters"])
+    module.load_state_dict(checkpoint["state_dict"])
+    return module.eval()
 
 
 def load_checkpoint(path: str | Path) -> tuple[LesionDetectionModule, dict[str, Any]]:
@@ -40,31 +112,41 @@ def load_checkpoint(path: str | Path) -> tuple[LesionDetectionModule, dict[str, 
 
     Loaded with `weights_only=True`: a checkpoint can carry tensors and plain data, never code.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise MedrpnError(f"{path}: checkpoint not found")
+    checkpoint = _read_checkpoint(Path(path))
+    return _build_module(checkpoint), dict(checkpoint.get("datamodule_hyper_parameters") or {})
+
+
+def resolve_threshold(checkpoint: dict[str, Any], given: float | None) -> tuple[float, str, dict[str, float] | None]:
+    """The score threshold to use: ``(threshold, source, operating point of the checkpoint or None)``.
+
+    ``given`` (from ``--score-threshold``) wins; else the checkpoint's
+    ``operating_point["score_threshold"]``; else `DEFAULT_SCORE_THRESHOLD`.
+
+    Raises:
+        ConfigError: a threshold outside [0, 1].
+    """
+    point = checkpoint.get("operating_point")
+    if isinstance(point, dict) and "score_threshold" in point:
+        point = {str(k): _plain(v) for k, v in point.items()}
+    else:
+        point = None
+    if given is not None:
+        threshold, source = float(given), "command line"
+    elif point is not None:
+        threshold, source = point["score_threshold"], "checkpoint operating point"
+    else:
+        threshold, source = DEFAULT_SCORE_THRESHOLD, "default"
+    if not 0.0 <= threshold <= 1.0:
+        raise ConfigError(f"score threshold must be within [0, 1], got {threshold} ({source})")
+    return threshold, source, point
+
+
+def _plain(value: Any) -> Any:
+    """A number as a float (tensors and numpy scalars included), anything else as it is."""
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # unpickling refused or a damaged file
-        raise MedrpnError(f"{path}: not a loadable medrpn checkpoint ({error.__class__.__name__}: {error})") from None
-    if "hyper_parameters" not in checkpoint or "state_dict" not in checkpoint:
-        raise MedrpnError(f"{path}: not a medrpn checkpoint (no hyper_parameters/state_dict)")
-    module = LesionDetectionModule(**checkpoint["hyper_parameters"])
-    module.load_state_dict(checkpoint["state_dict"])
-    return module.eval(), dict(checkpoint.get("datamodule_hyper_parameters", {}))
-
-
-def find_images(root: Path) -> list[Path]:
-    """`root` itself if it is a file, else the image files below it (sorted, hidden files skipped)."""
-    if root.is_file():
-        return [root]
-    if not root.is_dir():
-        raise MedrpnError(f"{root}: no such file or folder")
-    return sorted(
-        p
-        for p in root.rglob("*")
-        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not any(part.startswith(".") for part in p.relative_to(root).parts)
-    )
+        return float(value)
+    except (TypeError, ValueError):
+        return value
 
 
 def _sha256(path: Path) -> str:
@@ -75,74 +157,453 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+# ---------------------------------------------------------------------------------------------
+# scanning the input
+
+
+@dataclass
+class InputItem:
+    """One 2D image to analyse: a file, the frame/slice in it, and (DICOM) its reference header."""
+
+    path: Path
+    source: str
+    frame: int | None = None
+    header: Dataset | None = None
+    overlay: str = ""
+    order: tuple = ()
+
+
+@dataclass
+class InputGroup:
+    """The images of one output folder: a DICOM study, or the other images of one input folder."""
+
+    folder: Path
+    study_instance_uid: str | None
+    items: list[InputItem] = field(default_factory=list)
+
+
+@dataclass
+class Scan:
+    """What `scan_inputs` found: groups to analyse, unreadable files, notes and ignored files."""
+
+    groups: list[InputGroup]
+    skipped: list[tuple[str, str]]
+    notes: list[tuple[str, str]]
+    ignored: int
+
+
+def _has_dicom_magic(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(132)[128:132] == b"DICM"
+    except OSError:
+        return False
+
+
+def _kind(path: Path) -> str | None:
+    """"dicom", "raster", "nifti" or None (not an image file medrpn reads)."""
+    if path.name.lower().endswith((".nii", ".nii.gz")):
+        return "nifti"
+    if _has_dicom_magic(path):  # DICOM whatever its name, as `medrpn.data.io.read_image` decides
+        return "dicom"
+    if path.suffix.lower() in RASTER_SUFFIXES:
+        return "raster"
+    return "dicom" if path.suffix.lower() in DICOM_SUFFIXES else None
+
+
+def _list_files(root: Path, exclude: Path | None) -> list[Path]:
+    """Files below ``root``, sorted, hidden files and folders and the ``exclude`` tree left out."""
+    files = []
+    for folder, dirs, names in os.walk(root):
+        here = Path(folder)
+        dirs[:] = sorted(
+            d for d in dirs if not d.startswith(".") and (exclude is None or (here / d).resolve() != exclude)
+        )
+        files += [here / n for n in sorted(names) if not n.startswith(".")]
+    return files
+
+
+def _read_header(path: Path) -> Dataset:
+    """The DICOM header without pixel data, or a `DataError` saying why it cannot be read."""
+    try:
+        return pydicom.dcmread(path, stop_before_pixels=True)
+    except InvalidDicomError as error:
+        # some writers leave out the preamble and file meta; accept such a file if it still
+        # parses into a DICOM object with a SOP class
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+        except Exception:
+            ds = None
+        if ds is not None and ds.get("SOPClassUID"):
+            return ds
+        raise DataError(path, "not a DICOM file (no 'DICM' marker after the 128-byte preamble)") from error
+    except PermissionError as error:
+        raise DataError(path, "permission denied") from error
+    except Exception as error:  # pydicom raises many types on damaged headers
+        raise DataError(path, f"unreadable DICOM header, the file may be truncated or corrupt ({error})") from error
+
+
+def _not_an_image(ds: Dataset) -> str | None:
+    """The SOP class name of a complete DICOM object that holds no image (SR, RTSTRUCT, PR...), else None."""
+    if "Rows" in ds:
+        return None
+    file_meta = getattr(ds, "file_meta", None) or Dataset()
+    sop_class = ds.get("SOPClassUID") or file_meta.get("MediaStorageSOPClassUID")
+    if not sop_class or "Image" in sop_class.name or sop_class.name == str(sop_class):
+        return None  # no class, an image class without Rows (cut short), or a class pydicom does not know
+    return sop_class.name
+
+
+def _overlay_name(source: str, frame: int | None, taken: set[str]) -> str:
+    stem = re.sub(r"(\.nii)?(\.gz)?$", "", Path(source).name, flags=re.IGNORECASE)
+    stem = Path(stem).stem if Path(stem).suffix.lower() in RASTER_SUFFIXES | {".dcm", ".dicom"} else stem
+    stem = re.sub(r"[^\w.\-]", "_", stem) or "image"
+    base = stem if frame is None else f"{stem}_{frame}"
+    name, n = f"{base}.png", 1
+    while name.lower() in taken:
+        n += 1
+        name = f"{base}-{n}.png"
+    taken.add(name.lower())
+    return name
+
+
+def _safe_folder_name(uid: str) -> str:
+    """A study's folder name: its UID, made safe (a damaged UID must not name ``..`` or a hidden folder)."""
+    name = re.sub(r"[^0-9A-Za-z._-]", "_", uid.strip()).lstrip(".")
+    return name if re.search(r"[0-9A-Za-z]", name) else "study"
+
+
+def scan_inputs(inputs: str | Path, exclude: str | Path | None = None, axis: str = "axial") -> Scan:
+    """Find the images under ``inputs`` and group them into output folders (see the module docstring).
+
+    Args:
+        inputs: an image file or a folder (searched recursively; hidden files are left out).
+        exclude: a folder below ``inputs`` not to search (the output folder, when it is inside).
+        axis: the plane NIfTI volumes are sliced in.
+
+    Returns:
+        A `Scan`; group folders are relative to the output folder.
+    """
+    inputs = Path(inputs)
+    if inputs.is_file():
+        root, files = inputs.parent, [inputs]
+    elif inputs.is_dir():
+        root, files = inputs, _list_files(inputs, None if exclude is None else Path(exclude).resolve())
+    else:
+        raise MedrpnError(f"{inputs}: no such file or folder")
+
+    studies: dict[str, InputGroup] = {}
+    folders: dict[Path, InputGroup] = {}
+    skipped, notes, ignored = [], [], 0
+    for path in files:
+        kind = _kind(path)
+        source = path.relative_to(root).as_posix()
+        if kind is None:
+            ignored += 1
+            continue
+        if kind == "dicom":
+            try:
+                ds = _read_header(path)
+            except DataError as error:
+                skipped.append((str(path), error.reason))
+                continue
+            other = _not_an_image(ds)
+            if other is not None:
+                notes.append((str(path), f"not an image ({other}), skipped"))
+                continue
+            if "Rows" not in ds:
+                skipped.append((str(path), "no image attributes in this DICOM file: it looks truncated or corrupt"))
+                continue
+            frames = [None] if "NumberOfFrames" not in ds else list(range(int(ds.NumberOfFrames or 1)))
+            header = reference_header(ds)
+            series = (_int(ds.get("SeriesNumber")), str(ds.get("SeriesInstanceUID", "")))
+            order = (*series, _int(ds.get("InstanceNumber")), source)
+            study = str(ds.get("StudyInstanceUID") or "").strip()
+            if study:
+                if study not in studies:
+                    name, n = _safe_folder_name(study), 1
+                    while Path(name) in {g.folder for g in studies.values()}:  # damaged UIDs made alike
+                        n += 1
+                        name = f"{_safe_folder_name(study)}-{n}"
+                    studies[study] = InputGroup(Path(name), study)
+                group = studies[study]
+            else:  # cannot be referenced in DICOM outputs: handled like other images of its folder
+                group = folders.setdefault(Path(source).parent, InputGroup(Path(source).parent, None))
+            group.items += [InputItem(path, source, frame, header, order=order + (frame or 0,)) for frame in frames]
+        else:
+            if kind == "nifti":
+                try:
+                    frames = list(range(nifti.count_slices(path, axis)))
+                except DataError as error:
+                    skipped.append((str(path), error.reason))
+                    continue
+            else:
+                frames = [None]
+            group = folders.setdefault(Path(source).parent, InputGroup(Path(source).parent, None))
+            group.items += [InputItem(path, source, frame, order=(0, "", 0, source, frame or 0)) for frame in frames]
+
+    groups = list(folders.values()) + list(studies.values())
+    for group in groups:
+        group.items.sort(key=lambda item: item.order)
+        taken: set[str] = set()
+        for item in group.items:
+            item.overlay = _overlay_name(item.source, item.frame, taken)
+    groups.sort(key=lambda g: g.items[0].source)
+    return Scan(groups, skipped, notes, ignored)
+
+
+def _int(value: Any) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# reading in worker processes
+
+
+class _ImageLoader(torch.utils.data.Dataset):
+    """Reads and transforms one image per item (in DataLoader workers); a failure becomes an ``error``."""
+
+    def __init__(self, items: list[tuple[Path, int | None]], image_size: int, read_config: ReadConfig) -> None:
+        self.items = items
+        self.image_size = image_size
+        self.read_config = read_config
+        self.transform = build_transform(image_size)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        path, frame = self.items[index]
+        try:
+            image = read_image(path, frame, self.read_config)
+        except DataError as error:
+            return {"index": index, "error": error.reason}
+        except Exception as error:  # a decoder failing in an unforeseen way must not end the run
+            return {"index": index, "error": f"unreadable image ({error.__class__.__name__}: {error})"}
+        pixels = self.transform(image=image.array, bboxes=np.zeros((0, 4)), labels=[])["image"]
+        pixels = pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
+        return {
+            "index": index,
+            "pixels": torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32)),
+            "display": torch.from_numpy(to_display_uint8(image.array)),  # uint8: 1/4 of float32 to pass back
+            "spacing": image.spacing,
+        }
+
+
+def _collate(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return samples
+
+
+# ---------------------------------------------------------------------------------------------
+# the run
+
+
+def default_num_workers() -> int:
+    """Reader processes: one per CPU core left after the one running the model, at most 4."""
+    return max(0, min(4, (os.cpu_count() or 1) - 1))
+
+
 def predict_files(
     ckpt: str | Path,
     inputs: str | Path,
     output: str | Path,
-    score_threshold: float = 0.5,
-    batch_size: int = 4,
+    score_threshold: float | None = None,
+    batch_size: int = 8,
+    num_workers: int | None = None,
+    overwrite: bool = False,
 ) -> PredictReport:
-    """Writes `<name>.json` (findings) and `<name>.png` (overlay) under `output` for every image.
+    """Find lesions in every image under ``inputs``; write per study into ``output``.
 
-    The folder structure below `inputs` is mirrored in `output`, so equal file names in
-    different folders do not collide.
+    Args:
+        ckpt: checkpoint written by ``medrpn fit``.
+        inputs: an image file or a folder tree (DICOM, PNG, JPEG, NIfTI).
+        output: folder for the outputs; one subfolder per DICOM study (named by its
+            StudyInstanceUID), and for other images the folder structure of ``inputs``.
+        score_threshold: report findings scoring at least this; None: the checkpoint's
+            operating point, else 0.5.
+        batch_size: images per forward pass.
+        num_workers: reader processes (0 reads in this process); None: `default_num_workers`.
+        overwrite: replace existing outputs (else studies with outputs are left alone).
+
+    Returns:
+        A `PredictReport`.
     """
     ckpt, inputs, output = Path(ckpt), Path(inputs), Path(output)
-    module, data_settings = load_checkpoint(ckpt)
-    image_size = int(data_settings.get("image_size", 256))
-    transform = build_transform(image_size)
-    model_info = {
-        "name": "medrpn",
-        "version": __version__,
-        "checkpoint": str(ckpt.resolve()),
-        "checkpoint_sha256": _sha256(ckpt),
-        "score_threshold": score_threshold,
-    }
-    paths = find_images(inputs)
-    root = inputs if inputs.is_dir() else inputs.parent
-    report = PredictReport()
-    for start in range(0, len(paths), batch_size):
-        batch = []
-        for path in paths[start : start + batch_size]:
-            try:
-                batch.append((path, read_image(path)))
-            except DataError as error:
-                report.skipped.append((str(path), error.reason))
-                print(f"skipped {path}: {error.reason}", flush=True)
-        if not batch:
-            continue
-        tensors = [transform(image=image.array, bboxes=np.zeros((0, 4)), labels=[])["image"] for _, image in batch]
-        with torch.inference_mode():
-            out = module(torch.from_numpy(np.stack(tensors)[:, None].astype(np.float32)))
-        for (path, image), detection in zip(batch, out.detections):
-            # back to original pixels; the padding added to square the image holds no findings
-            boxes = clip_boxes_to_image(detection["boxes"] / fit_scale(*image.array.shape, image_size), image.array.shape)
-            keep = (detection["scores"] >= score_threshold) & (boxes[:, 2] - boxes[:, 0] >= 1) & (boxes[:, 3] - boxes[:, 1] >= 1)
-            findings = make_findings(
-                boxes[keep].numpy(),
-                detection["scores"][keep].numpy(),
-                detection["labels"][keep].numpy(),
-                module.class_names,
-                image.spacing,
-            )
-            stem = output / path.relative_to(root).with_suffix("")
-            stem.parent.mkdir(parents=True, exist_ok=True)
-            report.written.append(
-                write_findings_json(
-                    stem.with_suffix(".json"),
-                    source=str(path),
-                    image_size=image.array.shape,
-                    spacing=image.spacing,
-                    findings=findings,
-                    image_meta=image.meta,
-                    model=model_info,
-                )
-            )
-            write_overlay_png(stem.with_suffix(".png"), image.array, findings, module.class_names)
-            report.findings += len(findings)
+    if batch_size < 1:
+        raise ConfigError(f"batch size must be at least 1, got {batch_size}")
+    if inputs.is_dir() and output.resolve() == inputs.resolve():
+        raise MedrpnError(f"{output}: the output folder must not be the input folder")
+    module, model, image_size, read_config = _load(ckpt, score_threshold)
+
+    scan = scan_inputs(inputs, exclude=output, axis=read_config.axis)
+    report = PredictReport(
+        skipped=list(scan.skipped), notes=list(scan.notes), ignored=scan.ignored,
+        score_threshold=model.score_threshold, threshold_source=model.threshold_source,
+    )
+    for path, reason in scan.skipped:
+        print(f"skipped {path}: {reason}", flush=True)
+    for path, note in scan.notes:
+        print(f"note: {path}: {note}", flush=True)
+    studies = _plan(scan, output, model, overwrite, report)
+    workers = default_num_workers() if num_workers is None else int(num_workers)
+    _detect_and_write(module, studies, model, image_size, read_config, batch_size, workers, report)
+
     print(
-        f"medrpn predict: {len(report.written)} images, {report.findings} findings with score >= {score_threshold}, "
-        f"{len(report.skipped)} files skipped; written to {output.resolve()}",
+        f"medrpn predict: {report.images} images in {len(report.studies)} output folders, {report.findings} findings "
+        f"with score >= {model.score_threshold:g} ({model.threshold_source}), {len(report.skipped)} files skipped, "
+        f"{len(report.notes)} non-image DICOM files skipped, {len(report.kept)} existing outputs kept"
+        + (f", {report.ignored} other files ignored" if report.ignored else "")
+        + f"; written to {output.resolve()}",
         flush=True,
     )
     return report
+
+
+def _load(ckpt: Path, score_threshold: float | None) -> tuple[LesionDetectionModule, ModelInfo, int, ReadConfig]:
+    """The module (eval, on the GPU when there is one), its description, input size and read settings."""
+    checkpoint = _read_checkpoint(ckpt)
+    threshold, source, point = resolve_threshold(checkpoint, score_threshold)
+    module = _build_module(checkpoint).to("cuda" if torch.cuda.is_available() else "cpu")
+    data_settings = dict(checkpoint.get("datamodule_hyper_parameters") or {})
+    model = ModelInfo(
+        checkpoint=str(ckpt.resolve()),
+        checkpoint_sha256=_sha256(ckpt),
+        class_names=list(module.class_names),
+        score_threshold=threshold,
+        threshold_source=source,
+        operating_point=point,
+        version=__version__,
+    )
+    return module, model, int(data_settings.get("image_size", 256)), ReadConfig.parse(data_settings.get("read"))
+
+
+def _plan(
+    scan: Scan, output: Path, model: ModelInfo, overwrite: bool, report: PredictReport
+) -> list[tuple[InputGroup, StudyOutputs]]:
+    """The groups to analyse, each with its writer; groups with existing outputs are kept unless ``overwrite``."""
+    studies = []
+    for group in scan.groups:
+        folder = output / group.folder
+        existing = existing_outputs(folder, [item.overlay for item in group.items])
+        if existing and not overwrite:
+            report.kept.append(folder)
+            print(f"kept existing outputs in {folder} ({len(existing)} files); use --overwrite to replace them")
+            continue
+        if existing:
+            print(f"replacing existing outputs in {folder}", flush=True)
+        studies.append((group, StudyOutputs(folder, model, group.study_instance_uid)))
+    return studies
+
+
+def _detect_and_write(
+    module: LesionDetectionModule,
+    studies: list[tuple[InputGroup, StudyOutputs]],
+    model: ModelInfo,
+    image_size: int,
+    read_config: ReadConfig,
+    batch_size: int,
+    workers: int,
+    report: PredictReport,
+) -> None:
+    """Read (in ``workers`` processes), detect in batches, and write, study after study.
+
+    Images come in study order, so a study's SR/GSPS/JSON are written once its last image is
+    done. Writing runs in one thread beside the model (in submission order: an image's overlay
+    before its study's SR); the model releases the GIL while it computes.
+    """
+    items = [(g, item) for g, (group, _) in enumerate(studies) for item in group.items]
+    if not items:
+        return
+    remaining = [len(group.items) for group, _ in studies]
+    device = next(module.parameters()).device
+    loader = DataLoader(
+        _ImageLoader([(item.path, item.frame) for _, item in items], image_size, read_config),
+        batch_size=batch_size,
+        num_workers=workers,
+        collate_fn=_collate,
+        prefetch_factor=4 if workers > 0 else None,
+        pin_memory=device.type == "cuda",
+    )
+    writes: deque[Future] = deque()
+    finished: list[Future] = []
+
+    def submit(function: Any, *args: Any) -> Future:
+        while len(writes) > 4 * batch_size:  # the writer is behind: wait rather than pile up images
+            writes.popleft().result()
+        while writes and writes[0].done():
+            writes.popleft().result()  # raises what went wrong in the writer
+        writes.append(writer_thread.submit(function, *args))
+        return writes[-1]
+
+    with torch.inference_mode(), ThreadPoolExecutor(1, thread_name_prefix="medrpn-write") as writer_thread:
+        for samples in loader:
+            ok = [s for s in samples if "error" not in s]
+            detections = []
+            if ok:
+                batch = torch.stack([s["pixels"] for s in ok]).to(device, non_blocking=True)
+                detections = [{k: v.cpu() for k, v in d.items()} for d in module(batch).detections]
+            results = dict(zip((s["index"] for s in ok), detections))
+            for sample in samples:
+                g, item = items[sample["index"]]
+                writer = studies[g][1]
+                if "error" in sample:
+                    report.skipped.append((str(item.path), sample["error"]))
+                    submit(writer.skip, item.source, sample["error"])
+                    print(f"skipped {item.path}: {sample['error']}", flush=True)
+                else:
+                    image = _findings(item, sample, results[sample["index"]], image_size, model)
+                    submit(writer.add, image, sample["display"].numpy(), item.header)
+                    report.images += 1
+                    report.findings += len(image.findings)
+                remaining[g] -= 1
+                if remaining[g] == 0:
+                    finished.append(submit(_finish, writer))
+        while writes:
+            writes.popleft().result()
+    for future in finished:
+        writer = future.result()
+        report.studies.append(writer.folder)
+        report.written += writer.written
+
+
+def _finish(writer: StudyOutputs) -> StudyOutputs:
+    for note in writer.finish():
+        print(f"note: {writer.folder}: {note}", flush=True)
+    return writer
+
+
+def _findings(
+    item: InputItem, sample: dict[str, Any], detection: dict[str, torch.Tensor], image_size: int, model: ModelInfo
+) -> ImageFindings:
+    """One image's detections as findings in its original pixels (the square padding holds none)."""
+    height, width = sample["display"].shape[:2]
+    boxes = clip_boxes_to_image(detection["boxes"] / fit_scale(height, width, image_size), (height, width))
+    keep = (
+        (detection["scores"] >= model.score_threshold)
+        & (boxes[:, 2] - boxes[:, 0] >= 1)
+        & (boxes[:, 3] - boxes[:, 1] >= 1)
+    )
+    findings = make_findings(
+        boxes[keep].numpy(),
+        detection["scores"][keep].numpy(),
+        detection["labels"][keep].numpy(),
+        model.class_names,
+        sample["spacing"],
+    )
+    uids = {}
+    if item.header is not None:
+        keywords = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID", "Modality")
+        uids = {k: str(item.header.get(k) or "") for k in keywords}
+    return ImageFindings(
+        source=item.source,
+        height=height,
+        width=width,
+        spacing=sample["spacing"],
+        findings=findings,
+        frame=item.frame,
+        uids=uids,
+        overlay=item.overlay,
+    )

@@ -76,6 +76,9 @@ def test_mlflow_store_has_params_metrics_and_artifacts(trained):
     assert params["model/backbone/name"] == "resnet18"
     assert params["data/image_size"] == "128"
     assert params["trainer/max_epochs"] == "2"
+    tags = run.data.tags
+    assert len(tags["medrpn.config_sha256"]) == 64 and len(tags["medrpn.dataset_fingerprint"]) == 64
+    assert tags["medrpn.git_commit"]
     for loss in ("loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg"):
         assert f"train/{loss}_epoch" in metrics
     for key in ("froc_0.125fp", "froc_1fp", "froc_8fp", "cpm", "map50", "rpn_recall100"):
@@ -98,37 +101,49 @@ def test_checkpoint_loads_without_code_and_knows_its_model(trained):
 
 def test_predict_writes_findings_and_overlays_and_skips_bad_files(trained, tmp_path):
     work, broken, _ = trained
-    new = write_synthetic_dataset(tmp_path / "new", n_images=3, image_size=128, seed=77)
+    write_synthetic_dataset(tmp_path / "new", n_images=3, image_size=128, seed=77)
     images = tmp_path / "new" / "images"
     PILImage.new("L", (100, 80), color=90).save(images / "plain.png")
     (images / "corrupt.dcm").write_bytes(broken.read_bytes())
-    report = predict_files(work / "demo" / "checkpoints" / "best.ckpt", images, tmp_path / "out", score_threshold=0.0)
-    assert len(report.written) == 4
+    out = tmp_path / "out"
+    report = predict_files(work / "demo" / "checkpoints" / "best.ckpt", images, out, score_threshold=0.0)
+    assert report.images == 4
     assert [Path(p).name for p, _ in report.skipped] == ["corrupt.dcm"]
-    findings = json.loads((tmp_path / "out" / "plain.json").read_text())
-    assert findings["image"]["height"] == 80 and findings["image"]["width"] == 100
-    assert findings["model"]["score_threshold"] == 0.0
-    for finding in findings["findings"]:
+    # PNG/JPEG images keep their folder layout (here the top of the output); DICOM goes per study
+    plain = json.loads((out / "findings.json").read_text())
+    (entry,) = plain["images"]
+    assert entry["height"] == 80 and entry["width"] == 100
+    assert plain["model"]["score_threshold"] == 0.0
+    for finding in entry["findings"]:
         x1, y1, x2, y2 = finding["box_px"]
         assert 0 <= x1 < x2 <= 100 and 0 <= y1 < y2 <= 80  # back in the original image's pixels
-    dicom_findings = json.loads(next((tmp_path / "out").glob("P*.json")).read_text())
-    assert dicom_findings["image"]["pixel_spacing_mm"] == [0.5, 0.5]
-    assert "SOPInstanceUID" in dicom_findings["image"]["meta"]
-    assert all(f["box_mm"] is not None for f in dicom_findings["findings"])
-    assert PILImage.open(tmp_path / "out" / "plain.png").size == (100, 80)
+    study = next(out.glob("*/findings.json"))
+    dicom_findings = json.loads(study.read_text())
+    assert study.parent.name == dicom_findings["study_instance_uid"]
+    dicom_entry = dicom_findings["images"][0]
+    assert dicom_entry["pixel_spacing_mm"] == [0.5, 0.5]
+    assert dicom_entry["sop_instance_uid"]
+    assert all(f["box_mm"] is not None for f in dicom_entry["findings"])
+    assert (study.parent / "sr.dcm").is_file()
+    assert PILImage.open(out / entry["overlay"]).size == (100, 80)
 
 
 def test_predict_command_line(trained, tmp_path):
     work, _, _ = trained
     write_synthetic_dataset(tmp_path / "new", n_images=1, image_size=128, seed=9)
     image = next((tmp_path / "new" / "images").glob("*.dcm"))
-    result = _medrpn(
-        "predict", "--ckpt", str(work / "demo" / "checkpoints" / "best.ckpt"),
-        "--input", str(image), "--output", str(tmp_path / "out"), cwd=tmp_path,
-    )
+    args = ["predict", "--ckpt", str(work / "demo" / "checkpoints" / "best.ckpt"), "--input", str(image),
+            "--output", str(tmp_path / "out"), "--num-workers", "0"]
+    result = _medrpn(*args, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "medrpn predict: 1 images" in result.stdout
-    assert (tmp_path / "out" / image.with_suffix(".json").name).is_file()
+    (study,) = (tmp_path / "out").iterdir()
+    assert {p.name for p in study.iterdir()} >= {"findings.json", "sr.dcm", image.with_suffix(".png").name}
+    again = _medrpn(*args, cwd=tmp_path)  # an existing output is kept unless --overwrite is given
+    assert again.returncode == 0 and "kept existing outputs" in again.stdout
+    assert "medrpn predict: 0 images" in again.stdout
+    replaced = _medrpn(*args, "--overwrite", cwd=tmp_path)
+    assert replaced.returncode == 0 and "medrpn predict: 1 images" in replaced.stdout
 
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path):

@@ -1,4 +1,4 @@
-"""Findings JSON and overlay PNG: millimetres, ordering, schema, de-identification, drawing."""
+"""Findings JSON and overlay PNG: millimetres, ordering, schema 2.0, de-identification, drawing."""
 
 from __future__ import annotations
 
@@ -8,7 +8,15 @@ import numpy as np
 import pytest
 from PIL import Image as PILImage
 
-from medrpn.outputs import FINDINGS_SCHEMA_VERSION, Finding, make_findings, write_findings_json, write_overlay_png
+from medrpn.outputs import (
+    FINDINGS_SCHEMA_VERSION,
+    Finding,
+    ImageFindings,
+    ModelInfo,
+    make_findings,
+    write_findings_json,
+    write_overlay_png,
+)
 from medrpn.outputs.overlay import class_colour
 
 CLASSES = ["nodule", "mass"]
@@ -59,53 +67,90 @@ def test_findings_json_round_trips_without_patient_identifiers(tmp_path):
         CLASSES,
         (0.5, 0.2),
     )
-    meta = {
+    findings[0].tracking_id, findings[0].tracking_uid = "mass 1", "2.25.1"
+    # Image identifiers next to patient identifiers, as a DICOM header has them: only the UIDs
+    # and Modality may reach the file.
+    uids = {
         "SOPInstanceUID": "1.2.3.4.5",
         "SeriesInstanceUID": "1.2.3.4",
         "StudyInstanceUID": "1.2.3",
+        "SOPClassUID": "1.2.840.10008.5.1.4.1.1.2",
         "Modality": "DX",
         "PatientID": "SECRET-ID-123",
         "PatientName": "Doe^Jane",
         "PatientBirthDate": "19700101",
     }
-    model = {
-        "name": "medrpn",
-        "version": "0.1.0",
-        "checkpoint": tmp_path / "best.ckpt",  # a Path and a numpy scalar: written without help
-        "checkpoint_sha256": "ab" * 32,
-        "score_threshold": np.float32(0.25),
-    }
+    image = ImageFindings(
+        source="scans/img.dcm", height=512, width=256, spacing=(0.5, 0.2), findings=findings, uids=uids,
+        overlay="img.png",
+    )
+    model = ModelInfo(
+        checkpoint=str(tmp_path / "best.ckpt"),
+        checkpoint_sha256="ab" * 32,
+        class_names=CLASSES,
+        score_threshold=np.float32(0.25),
+        threshold_source="checkpoint operating point",
+        operating_point={"score_threshold": 0.25, "fp_per_image": 1.0, "sensitivity": 0.8},
+        version="0.1.0",
+    )
     out = write_findings_json(
-        tmp_path / "sub" / "img.json",
-        source="scans/img.dcm",
-        image_size=(512, 256),
-        spacing=(0.5, 0.2),
-        findings=findings,
-        image_meta=meta,
+        tmp_path / "sub" / "findings.json",
+        images=[image],
         model=model,
+        study_instance_uid="1.2.3",
+        sr="sr.dcm",
+        gsps=["gsps.dcm"],
+        skipped=[("scans/bad.dcm", "truncated")],
     )
     text = out.read_text()
     for secret in ("SECRET-ID-123", "Doe^Jane", "PatientID", "PatientName", "19700101"):
         assert secret not in text
     with open(out) as f:
         doc = json.load(f)
-    assert doc["schema_version"] == FINDINGS_SCHEMA_VERSION
-    assert doc["source"] == "scans/img.dcm"
-    assert doc["image"]["height"] == 512 and doc["image"]["width"] == 256
-    assert doc["image"]["pixel_spacing_mm"] == [0.5, 0.2]
-    kept = ("SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID", "Modality")
-    assert doc["image"]["meta"] == {k: meta[k] for k in kept}
-    assert doc["model"]["checkpoint"] == str(tmp_path / "best.ckpt")
-    assert doc["model"]["checkpoint_sha256"] == "ab" * 32
-    assert doc["model"]["score_threshold"] == pytest.approx(0.25)
-    assert [d["score"] for d in doc["findings"]] == [0.93, 0.31]
-    first = doc["findings"][0]
+    assert doc["schema_version"] == FINDINGS_SCHEMA_VERSION == "2.0"
+    assert doc["study_instance_uid"] == "1.2.3"
+    assert doc["dicom"] == {"sr": "sr.dcm", "gsps": ["gsps.dcm"], "notes": []}
+    assert doc["skipped"] == [{"source": "scans/bad.dcm", "reason": "truncated"}]
+    assert doc["model"] == {
+        "name": "medrpn",
+        "version": "0.1.0",
+        "checkpoint": str(tmp_path / "best.ckpt"),
+        "checkpoint_sha256": "ab" * 32,
+        "class_names": CLASSES,
+        "score_threshold": pytest.approx(0.25),
+        "threshold_source": "checkpoint operating point",
+        "operating_point": {"score_threshold": 0.25, "fp_per_image": 1.0, "sensitivity": 0.8},
+    }
+    (entry,) = doc["images"]
+    assert entry["source"] == "scans/img.dcm" and entry["frame"] is None and entry["overlay"] == "img.png"
+    assert entry["height"] == 512 and entry["width"] == 256
+    assert entry["pixel_spacing_mm"] == [0.5, 0.2]
+    refs = (entry["study_instance_uid"], entry["series_instance_uid"], entry["sop_instance_uid"])
+    assert refs == ("1.2.3", "1.2.3.4", "1.2.3.4.5")
+    assert entry["sop_class_uid"] == "1.2.840.10008.5.1.4.1.1.2" and entry["modality"] == "DX"
+    assert [d["score"] for d in entry["findings"]] == [0.93, 0.31]
+    first = entry["findings"][0]
     assert first["label"] == "mass"
     assert first["box_px"] == [5.0, 5.0, 15.0, 25.0]
     assert first["box_mm"] == pytest.approx([1.0, 2.5, 3.0, 12.5])
     assert first["size_mm"] == pytest.approx([2.0, 10.0])
+    assert (first["tracking_id"], first["tracking_uid"]) == ("mass 1", "2.25.1")
+    assert entry["findings"][1]["tracking_uid"] is None
     # Nothing but the file itself is left in the folder (the temporary file was renamed away).
-    assert [p.name for p in out.parent.iterdir()] == ["img.json"]
+    assert [p.name for p in out.parent.iterdir()] == ["findings.json"]
+
+
+def test_findings_json_for_images_without_dicom(tmp_path):
+    image = ImageFindings(source="a.png", height=80, width=100, spacing=None, findings=[], overlay="a.png")
+    model = ModelInfo(checkpoint="m.ckpt", checkpoint_sha256="0" * 64, class_names=CLASSES, score_threshold=0.5)
+    doc = json.loads(write_findings_json(tmp_path / "f.json", images=[image], model=model).read_text())
+    model.operating_point = {"score_threshold": 0.4, "fp_per_image": 0.0, "sensitivity": float("nan")}
+    written = json.loads(write_findings_json(tmp_path / "g.json", images=[image], model=model).read_text())
+    assert written["model"]["operating_point"]["sensitivity"] is None  # no lesions to measure it on
+    assert doc["study_instance_uid"] is None and doc["dicom"]["sr"] is None
+    entry = doc["images"][0]
+    assert entry["pixel_spacing_mm"] is None and entry["sop_instance_uid"] is None and entry["findings"] == []
+    assert doc["model"]["threshold_source"] == "default" and doc["model"]["operating_point"] is None
 
 
 def _gradient(height: int, width: int) -> np.ndarray:
@@ -144,7 +189,19 @@ def test_overlay_box_on_image_border_does_not_crash(tmp_path):
 
 
 def test_overlay_rejects_non_2d_image_and_unknown_label(tmp_path):
-    with pytest.raises(ValueError, match="2D"):
-        write_overlay_png(tmp_path / "x.png", np.zeros((4, 4, 3)), [])
+    with pytest.raises(ValueError, match="greyscale"):
+        write_overlay_png(tmp_path / "x.png", np.zeros((4, 4, 2)), [])
     with pytest.raises(ValueError, match="class names"):
         write_overlay_png(tmp_path / "x.png", np.zeros((8, 8)), [Finding("cyst", 0.5, [1, 1, 4, 4])], CLASSES)
+
+
+def test_overlay_takes_uint8_and_colour_images(tmp_path):
+    grey = np.full((40, 50), 128, dtype=np.uint8)
+    finding = [Finding("nodule", 0.9, [10.0, 10.0, 30.0, 30.0])]
+    rgb = np.asarray(PILImage.open(write_overlay_png(tmp_path / "g.png", grey, finding, CLASSES)))
+    assert tuple(rgb[36, 45]) == (128, 128, 128)  # uint8 values kept as they are, not rescaled
+    assert tuple(rgb[28, 10 - 2]) == class_colour(0)
+    colour = np.zeros((40, 50, 3), dtype=np.float32)
+    colour[..., 2] = 1.0  # blue image stays blue
+    rgb = np.asarray(PILImage.open(write_overlay_png(tmp_path / "c.png", colour, [], CLASSES)))
+    assert tuple(rgb[5, 5]) == (0, 0, 255)

@@ -1,38 +1,60 @@
-"""Detections as findings a reader can use, and the findings JSON file written per image.
+"""Detections as findings a reader can use, and the findings JSON file written per study.
 
 The box convention inside medrpn is absolute pixel ``xyxy`` in array index space; this module is
 the edge where boxes also get millimetres. Coordinates are continuous: pixel (row r, column c)
 covers ``[c, c+1) x [r, r+1)``, so ``(0, 0)`` is the top-left corner of the image (not the centre
 of its first pixel), ``x`` runs along columns (left to right) and ``y`` along rows (top to bottom).
+This is also DICOM's convention for image coordinates in structured reports and presentation
+states, so the same numbers go into the SR and GSPS unchanged.
 
-Findings JSON, schema version ``FINDINGS_SCHEMA_VERSION`` ("1.0"), one file per image::
+Findings JSON, schema version ``FINDINGS_SCHEMA_VERSION`` ("2.0"), one ``findings.json`` per
+output folder (one per DICOM study; PNG/JPEG images are grouped by their folder)::
 
     {
-      "schema_version": "1.0",
-      "source": "<image file the findings are about>",
-      "image": {
-        "height": H, "width": W,                      # pixels of the ORIGINAL image
-        "pixel_spacing_mm": [row, column] | null,     # as DICOM PixelSpacing; null when unknown
-        "meta": {"StudyInstanceUID": ..., "SeriesInstanceUID": ..., "SOPInstanceUID": ...,
-                 "Modality": ...}                     # only *UID keys and Modality, as strings
+      "schema_version": "2.0",
+      "study_instance_uid": "1.2.3..." | null,       # null for PNG/JPEG folders
+      "model": {
+        "name": "medrpn", "version": "0.1.0",
+        "checkpoint": "/abs/path/best.ckpt", "checkpoint_sha256": "...",
+        "class_names": ["nodule", ...],
+        "score_threshold": 0.42,                      # findings below it are not reported
+        "threshold_source": "checkpoint operating point" | "command line" | "default",
+        "operating_point": {"score_threshold": .., "fp_per_image": .., "sensitivity": ..} | null
       },
-      "model": {"name": ..., "version": ..., "checkpoint": ..., "checkpoint_sha256": ...,
-                "score_threshold": ...},              # as given by the caller
-      "findings": [                                   # sorted by score, highest first
+      "images": [                                     # in study/series/instance order
         {
-          "label": "nodule",                          # class name
-          "score": 0.93,                              # detector confidence in [0, 1]
-          "box_px": [x1, y1, x2, y2],                 # pixels, original image
-          "box_mm": [x1, y1, x2, y2] | null,          # mm from the image's top-left corner
-          "size_mm": [width, height] | null           # mm; null when spacing is unknown
+          "source": "sub/IM0001.dcm",                 # input file, relative to the input folder
+          "frame": null | 0,                          # 0-based frame (multi-frame DICOM) or
+                                                      # slice (NIfTI); null for a single image
+          "height": H, "width": W,                    # pixels of the ORIGINAL image
+          "pixel_spacing_mm": [row, column] | null,   # PixelSpacing (else ImagerPixelSpacing)
+          "study_instance_uid": .., "series_instance_uid": .., "sop_instance_uid": ..,
+          "sop_class_uid": .., "modality": ..,        # null for PNG/JPEG
+          "overlay": "IM0001.png",                    # overlay PNG in the same folder
+          "findings": [                               # sorted by score, highest first
+            {
+              "label": "nodule",                      # class name
+              "score": 0.93,                          # detector confidence in [0, 1]
+              "box_px": [x1, y1, x2, y2],             # pixels, original image
+              "box_mm": [x1, y1, x2, y2] | null,      # mm from the image's top-left corner
+              "size_mm": [width, height] | null,      # mm; null when spacing is unknown
+              "tracking_id": "nodule 1" | null,       # its name in the SR and GSPS ...
+              "tracking_uid": "2.25..." | null        # ... and its UID there (null: no DICOM output)
+            }
+          ]
         }
-      ]
+      ],
+      "dicom": {"sr": "sr.dcm" | null, "gsps": ["gsps.dcm", ...], "notes": ["..."]},
+      "skipped": [{"source": "..", "reason": ".."}]   # files of this folder/study not analysed
     }
 
 Millimetres are ``x * column spacing`` and ``y * row spacing``. Scores are rounded to 4 decimals and
-coordinates to 2 in the file (well below a pixel or a tenth of a millimetre). Patient identifiers
-(PatientName, PatientID, ...) are never written: only UID keys and Modality are copied from the
-image metadata, so a findings file can leave the hospital without carrying who the patient is.
+coordinates to 2 in the file (well below a pixel or a tenth of a millimetre); the DICOM outputs use
+the same rounded coordinates. Patient identifiers (PatientName, PatientID, ...) are never written:
+only UIDs and Modality describe an image, so a findings file can leave the hospital without
+carrying who the patient is.
+
+Schema history: 1.0 was one file per image with the UIDs under ``image.meta``.
 """
 
 from __future__ import annotations
@@ -47,7 +69,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-FINDINGS_SCHEMA_VERSION = "1.0"
+FINDINGS_SCHEMA_VERSION = "2.0"
 
 _SCORE_DECIMALS = 4
 _COORD_DECIMALS = 2
@@ -64,6 +86,8 @@ class Finding:
         box_mm: the same box in millimetres from the image's top-left corner, or None when the
             pixel spacing is unknown.
         size_mm: ``[width, height]`` of the box in millimetres, derived from ``box_mm`` (None with it).
+        tracking_id: "<label> <n>", the name of this finding in the DICOM SR and GSPS (None until set).
+        tracking_uid: the UID of this finding in the DICOM SR and GSPS (None until set).
     """
 
     label: str
@@ -71,6 +95,8 @@ class Finding:
     box_px: list[float]
     box_mm: list[float] | None = None
     size_mm: list[float] | None = field(init=False)
+    tracking_id: str | None = None
+    tracking_uid: str | None = None
 
     def __post_init__(self) -> None:
         self.score = float(self.score)
@@ -94,7 +120,14 @@ class Finding:
             "box_px": coords(self.box_px),
             "box_mm": coords(self.box_mm),
             "size_mm": coords(self.size_mm),
+            "tracking_id": self.tracking_id,
+            "tracking_uid": self.tracking_uid,
         }
+
+    @property
+    def rounded_box_px(self) -> list[float]:
+        """``box_px`` as written to every output (JSON, SR, GSPS): rounded to 2 decimals."""
+        return [round(v, _COORD_DECIMALS) for v in self.box_px]
 
 
 def _check_spacing(spacing: tuple[float, float] | None) -> tuple[float, float] | None:
@@ -151,10 +184,96 @@ def make_findings(
     return findings
 
 
-def _safe_meta(image_meta: dict[str, Any]) -> dict[str, str]:
-    """Only UIDs and Modality: identifiers of the image, never of the patient."""
-    kept = {str(k): v for k, v in image_meta.items() if str(k).endswith("UID") or k == "Modality"}
-    return {k: str(v) for k, v in kept.items() if v is not None}
+@dataclass
+class ModelInfo:
+    """Which model produced the findings, and at which operating threshold.
+
+    Attributes:
+        checkpoint: path of the checkpoint file.
+        checkpoint_sha256: hex SHA-256 of that file, so findings can be traced to exact weights.
+        class_names: the model's classes, in label order.
+        score_threshold: findings scoring below it are not reported.
+        threshold_source: where the threshold came from: "checkpoint operating point",
+            "command line" or "default".
+        operating_point: the checkpoint's operating point (``score_threshold``, ``fp_per_image``,
+            ``sensitivity``) when it has one.
+        name, version: the software.
+    """
+
+    checkpoint: str
+    checkpoint_sha256: str
+    class_names: list[str]
+    score_threshold: float
+    threshold_source: str = "default"
+    operating_point: dict[str, float] | None = None
+    name: str = "medrpn"
+    version: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "version": self.version,
+            "checkpoint": str(self.checkpoint),
+            "checkpoint_sha256": self.checkpoint_sha256,
+            "class_names": list(self.class_names),
+            "score_threshold": float(self.score_threshold),
+            "threshold_source": self.threshold_source,
+            "operating_point": None if self.operating_point is None else {
+                # JSON has no NaN: a sensitivity measured without lesions is written as null
+                k: None if isinstance(v, float) and not math.isfinite(v) else v
+                for k, v in self.operating_point.items()
+            },
+        }
+
+
+@dataclass
+class ImageFindings:
+    """One analysed image (or frame) and its findings, as written in the findings JSON.
+
+    Attributes:
+        source: the input file, relative to the input folder.
+        height, width: size of the original image in pixels.
+        spacing: pixel spacing ``(row, column)`` mm, or None.
+        findings: from :func:`make_findings`, highest score first.
+        frame: 0-based frame of a multi-frame DICOM file or slice of a NIfTI volume; None for a
+            file holding one image. (DICOM outputs name frames 1-based, as DICOM does.)
+        uids: for DICOM, ``StudyInstanceUID``, ``SeriesInstanceUID``, ``SOPInstanceUID``,
+            ``SOPClassUID`` and ``Modality`` of the source (only these keys are ever written).
+        overlay: file name of the overlay PNG in the same output folder.
+    """
+
+    source: str
+    height: int
+    width: int
+    spacing: tuple[float, float] | None
+    findings: list[Finding]
+    frame: int | None = None
+    uids: dict[str, str] = field(default_factory=dict)
+    overlay: str | None = None
+
+    def __post_init__(self) -> None:
+        self.spacing = _check_spacing(self.spacing)
+        self.height, self.width = int(self.height), int(self.width)
+
+    def to_dict(self) -> dict[str, Any]:
+        def uid(keyword: str) -> str | None:
+            value = self.uids.get(keyword)
+            return None if value in (None, "") else str(value)
+
+        return {
+            "source": self.source,
+            "frame": self.frame,
+            "height": self.height,
+            "width": self.width,
+            "pixel_spacing_mm": None if self.spacing is None else list(self.spacing),
+            "study_instance_uid": uid("StudyInstanceUID"),
+            "series_instance_uid": uid("SeriesInstanceUID"),
+            "sop_instance_uid": uid("SOPInstanceUID"),
+            "sop_class_uid": uid("SOPClassUID"),
+            "modality": uid("Modality"),
+            "overlay": self.overlay,
+            "findings": [f.to_dict() for f in self.findings],
+        }
 
 
 def _json_default(value: Any) -> Any:
@@ -171,47 +290,42 @@ def _json_default(value: Any) -> Any:
 def write_findings_json(
     path: str | Path,
     *,
-    source: str,
-    image_size: tuple[int, int],
-    spacing: tuple[float, float] | None,
-    findings: list[Finding],
-    image_meta: dict[str, Any],
-    model: dict[str, Any],
+    images: Sequence[ImageFindings],
+    model: ModelInfo,
+    study_instance_uid: str | None = None,
+    sr: str | None = None,
+    gsps: Sequence[str] = (),
+    notes: Sequence[str] = (),
+    skipped: Sequence[tuple[str, str]] = (),
 ) -> Path:
-    """Write one image's findings file (schema in this module's docstring), atomically.
+    """Write one study's (or folder's) findings file (schema in this module's docstring), atomically.
 
     The file is written to a temporary file in the same folder and renamed into place, so a reader
     never sees half a file, even if prediction is interrupted. Parent folders are created.
 
     Args:
         path: where to write the JSON.
-        source: the image file the findings are about.
-        image_size: ``(H, W)`` of the original image in pixels.
-        spacing: pixel spacing ``(row, column)`` mm, or None.
-        findings: from :func:`make_findings`; written in the given order.
-        image_meta: image metadata; only keys ending in ``UID`` and ``Modality`` are copied.
-        model: model description (name, version, checkpoint, checkpoint_sha256, score_threshold...).
+        images: the analysed images, in the order to list them.
+        model: the model and threshold that produced the findings.
+        study_instance_uid: the DICOM study, or None for a folder of PNG/JPEG images.
+        sr: file name of the structured report written beside it, if any.
+        gsps: file names of the presentation states written beside it.
+        notes: what a reader should know about the DICOM outputs (e.g. why there is no GSPS).
+        skipped: ``(source, reason)`` of the files of this study that could not be analysed.
 
     Returns:
         The path written.
 
     Raises:
-        ValueError: a bad spacing, or a NaN/infinite value (not valid JSON) in ``model``.
-        TypeError: a ``model`` value that cannot be written as JSON.
+        ValueError: a NaN/infinite value (not valid JSON).
     """
-    spacing = _check_spacing(spacing)
-    height, width = (int(v) for v in image_size)
     document = {
         "schema_version": FINDINGS_SCHEMA_VERSION,
-        "source": str(source),
-        "image": {
-            "height": height,
-            "width": width,
-            "pixel_spacing_mm": None if spacing is None else list(spacing),
-            "meta": _safe_meta(image_meta),
-        },
-        "model": dict(model),
-        "findings": [f.to_dict() for f in findings],
+        "study_instance_uid": study_instance_uid,
+        "model": model.to_dict(),
+        "images": [image.to_dict() for image in images],
+        "dicom": {"sr": sr, "gsps": list(gsps), "notes": list(notes)},
+        "skipped": [{"source": str(source), "reason": reason} for source, reason in skipped],
     }
     text = json.dumps(document, indent=2, default=_json_default, allow_nan=False) + "\n"
     return write_atomically(path, text.encode("utf-8"))

@@ -51,11 +51,23 @@ def _font(height: int, width: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFo
 
 
 def _to_rgb(image: np.ndarray) -> Image.Image:
-    array = np.asarray(image, dtype=np.float64)
-    if array.ndim != 2:
-        raise ValueError(f"overlay needs a 2D (H, W) greyscale image, got shape {array.shape}")
-    grey = np.rint(np.clip(np.nan_to_num(array, nan=0.0), 0.0, 1.0) * 255).astype(np.uint8)
-    return Image.fromarray(np.stack([grey] * 3, axis=-1), mode="RGB")
+    """(H, W) grey or (H, W, 3) colour, float in [0, 1] or uint8, as an 8-bit RGB picture."""
+    array = np.asarray(image)
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] != 3):
+        raise ValueError(f"overlay needs a (H, W) greyscale or (H, W, 3) colour image, got shape {array.shape}")
+    if array.dtype != np.uint8:
+        unit = np.clip(np.nan_to_num(array.astype(np.float64), nan=0.0), 0.0, 1.0)
+        array = np.rint(unit * 255).astype(np.uint8)
+    if array.ndim == 2:
+        array = np.stack([array] * 3, axis=-1)
+    return Image.fromarray(np.ascontiguousarray(array), mode="RGB")
+
+
+def to_display_uint8(image: np.ndarray) -> np.ndarray:
+    """An image in [0, 1] as uint8 0..255, the form overlays need: a quarter of the memory of
+    float32, so worth converting where images are read (e.g. in DataLoader workers)."""
+    unit = np.clip(np.nan_to_num(np.asarray(image, dtype=np.float32), nan=0.0), 0.0, 1.0)
+    return np.rint(unit * 255).astype(np.uint8)
 
 
 def write_overlay_png(
@@ -68,8 +80,9 @@ def write_overlay_png(
 
     Args:
         path: where to write the PNG (parent folders are created).
-        image: (H, W) greyscale in [0, 1], the ORIGINAL image the findings' ``box_px`` refer to
-            (values outside [0, 1] are clipped, NaN shown black).
+        image: the ORIGINAL image the findings' ``box_px`` refer to, as the detector saw it (already
+            windowed): (H, W) grey or (H, W, 3) colour, float in [0, 1] (values outside are
+            clipped, NaN shown black) or uint8 (see `to_display_uint8`).
         findings: from :func:`medrpn.outputs.findings.make_findings`.
         class_names: all class names of the model; pass them so a class keeps its colour across
             images. Without them, colours follow the sorted labels present in this image.
@@ -78,7 +91,8 @@ def write_overlay_png(
         The path written.
 
     Raises:
-        ValueError: an image that is not 2D, or a finding whose label is not in ``class_names``.
+        ValueError: an image that is neither (H, W) nor (H, W, 3), or a finding whose label is not
+            in ``class_names``.
     """
     canvas = _to_rgb(image)
     width, height = canvas.size

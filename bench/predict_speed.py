@@ -1,0 +1,92 @@
+"""Images per second through `medrpn predict`, from DICOM file to written SR, GSPS, JSON and overlay.
+
+    python bench/predict_speed.py [--n-images 200] [--image-size 256] [--ckpt CKPT] [--workers 0 1]
+
+A folder of synthetic DX files (`medrpn.synth`) goes through `medrpn.predict.predict_files` once
+per worker setting, into a fresh output folder each time: scan, read + transform in DataLoader
+workers, batched inference with the model loaded once, and per study the overlay PNGs, findings
+JSON, DICOM SR and GSPS. Without ``--ckpt`` the model is the demo architecture (ResNet-18 FPN,
+64 channels, 256 px input) with untrained weights, run at threshold 0 with at most 5 detections
+per image, so every image gets 5 findings to write (more work than a trained model at its
+operating point usually leaves). The figure printed is images / wall-clock seconds of the whole
+call, model loading included; the load alone is printed beside it, as is the machine's load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import tempfile
+import time
+from contextlib import redirect_stdout
+from pathlib import Path
+
+import torch
+
+from medrpn.predict import default_num_workers, load_checkpoint, predict_files
+from medrpn.synth import write_synthetic_dataset
+from medrpn.training import LesionDetectionModule
+
+
+def _demo_checkpoint(path: Path, image_size: int) -> Path:
+    torch.manual_seed(0)
+    module = LesionDetectionModule(  # the demo recipe's model (configs/demo.yaml)
+        class_names=["nodule", "spiculated"],
+        backbone={"name": "resnet18", "fpn_channels": 64},
+        rpn={"pre_nms_top_n_test": 300, "post_nms_top_n_test": 100},
+        roi={"detections_per_img": 5},
+    )
+    torch.save(
+        {
+            "state_dict": module.state_dict(),
+            "hyper_parameters": dict(module.hparams),
+            "datamodule_hyper_parameters": {"image_size": image_size},
+        },
+        path,
+    )
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n-images", type=int, default=200)
+    parser.add_argument("--image-size", type=int, default=256, help="side of the synthetic images and the model input")
+    parser.add_argument("--ckpt", type=Path, default=None, help="a trained checkpoint (default: untrained demo model)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--workers", type=int, nargs="+", default=[0, default_num_workers()])
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        write_synthetic_dataset(tmp / "data", n_images=args.n_images, image_size=args.image_size, seed=0)
+        images = tmp / "data" / "images"
+        ckpt = args.ckpt or _demo_checkpoint(tmp / "model.ckpt", args.image_size)
+        threshold = None if args.ckpt else 0.0
+
+        start = time.perf_counter()
+        load_checkpoint(ckpt)
+        load_s = time.perf_counter() - start
+
+        print(f"{args.n_images} DICOM files of {args.image_size}x{args.image_size}, batch {args.batch_size}, "
+              f"{os.cpu_count()} CPU cores, torch threads {torch.get_num_threads()}")
+        for workers in dict.fromkeys(args.workers):
+            load_before = os.getloadavg()[0]
+            start = time.perf_counter()
+            with redirect_stdout(io.StringIO()):
+                report = predict_files(
+                    ckpt, images, tmp / f"out-{workers}", score_threshold=threshold,
+                    batch_size=args.batch_size, num_workers=workers,
+                )
+            seconds = time.perf_counter() - start
+            srs = sum(1 for p in report.written if p.name == "sr.dcm")
+            print(
+                f"num_workers={workers}: {report.images / seconds:.1f} images/s "
+                f"({report.images} images, {report.findings} findings, {srs} SRs in {seconds:.1f} s; "
+                f"checkpoint load {load_s:.1f} s of it); load average {load_before:.2f} before, "
+                f"{os.getloadavg()[0]:.2f} after"
+            )
+
+
+if __name__ == "__main__":
+    main()
