@@ -3,19 +3,31 @@
 The detector itself (`medrpn.model.LesionDetector`) knows nothing of Lightning; this module wraps
 it. Hyperparameters are stored as plain dicts and lists (no pickled classes), so a checkpoint
 describes its model without the training config and loads with `weights_only=True`.
+
+Evaluation: every validation epoch logs `val/<metric>` (FROC points, CPM, mAP, proposal recall;
+see `medrpn.metrics.report`) and picks the operating point, the score threshold giving
+`operating_fp_per_image` false positives per validation image. Checkpoints carry it under the
+top-level key `operating_point` (plain floats) and the MLflow run they belong to under
+`mlflow_run`. The test epoch (the final evaluation) adds bootstrap intervals, applies the stored
+operating point, and logs the table and plots as artifacts under `evaluation/test`.
 """
 
 from __future__ import annotations
 
 import math
+import tempfile
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.loggers import MLFlowLogger
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
-from medrpn.metrics import DetectionMetrics
+from medrpn.metrics import DetectionMetrics, EvaluationReport
+from medrpn.metrics.froc import HitRule, check_hit_rule
 from medrpn.model import (
     AnchorConfig,
     BackboneConfig,
@@ -58,7 +70,11 @@ class LesionDetectionModule(L.LightningModule):
         pixel_mean / pixel_std: input standardisation, applied by the detector.
         cross_class_nms_thresh: one box per lesion across classes (see `DetectorConfig`).
         optim: optimiser and learning-rate schedule.
-        froc_iou_threshold: IoU at which a detection hits a lesion in the FROC metrics.
+        froc_hit_rule: when a detection hits a lesion in FROC: "iou" (IoU >= froc_iou_threshold,
+            DeepLesion) or "center" (centre within the lesion's radius, LUNA16).
+        froc_iou_threshold: IoU at which a detection hits a lesion ("iou" rule).
+        operating_fp_per_image: false positives per image the operating point is picked for.
+        bootstrap_samples: patient resamples for the confidence intervals of the final evaluation.
     """
 
     def __init__(
@@ -72,7 +88,10 @@ class LesionDetectionModule(L.LightningModule):
         pixel_std: float = 0.25,
         cross_class_nms_thresh: float = 0.5,
         optim: OptimConfig = OptimConfig(),
+        froc_hit_rule: HitRule = "iou",
         froc_iou_threshold: float = 0.3,
+        operating_fp_per_image: float = 1.0,
+        bootstrap_samples: int = 1000,
     ) -> None:
         super().__init__()
         self.class_names = list(class_names)
@@ -99,13 +118,26 @@ class LesionDetectionModule(L.LightningModule):
                 "pixel_std": pixel_std,
                 "cross_class_nms_thresh": cross_class_nms_thresh,
                 "optim": asdict(self.optim),
+                "froc_hit_rule": froc_hit_rule,
                 "froc_iou_threshold": froc_iou_threshold,
+                "operating_fp_per_image": operating_fp_per_image,
+                "bootstrap_samples": bootstrap_samples,
             },
             logger=False,
         )
         self.model = build_detector(config)
-        self.val_metrics = DetectionMetrics(froc_iou_threshold=froc_iou_threshold)
-        self.test_metrics = DetectionMetrics(froc_iou_threshold=froc_iou_threshold)
+        check_hit_rule(froc_hit_rule)
+        if operating_fp_per_image < 0:
+            raise ValueError(f"operating_fp_per_image must be >= 0, got {operating_fp_per_image}")
+        self.operating_fp_per_image = float(operating_fp_per_image)
+        self.bootstrap_samples = int(bootstrap_samples)
+        metric_args = dict(class_names=self.class_names, froc_hit_rule=froc_hit_rule, froc_iou_threshold=froc_iou_threshold)
+        self.val_metrics = DetectionMetrics(**metric_args)
+        self.test_metrics = DetectionMetrics(**metric_args)
+        # set by each validation epoch, saved in checkpoints, restored from them
+        self.operating_point: dict[str, float] | None = None
+        self.mlflow_run: dict[str, str] | None = None  # the run a loaded checkpoint came from
+        self.last_test_report: EvaluationReport | None = None
 
     def forward(self, images: Tensor) -> DetectorOutput:
         """Detections and proposals for a batch of images (eval mode)."""
@@ -129,24 +161,77 @@ class LesionDetectionModule(L.LightningModule):
         self._evaluate(batch, self.test_metrics)
 
     def _evaluate(self, batch: dict[str, Any], metrics: DetectionMetrics) -> None:
-        if len(batch["images"]) == 0:
+        if len(batch["images"]) == 0:  # every file unreadable: an empty update keeps DDP ranks in step
+            metrics.update([], [], [], [])
             return
         out = self.model(batch["images"])
-        metrics.update(out.detections, batch["targets"], out.proposals)
+        metrics.update(out.detections, batch["targets"], out.proposals, batch.get("meta"))
 
     def on_validation_epoch_end(self) -> None:
-        self._log_metrics("val", self.val_metrics)
+        report = self.val_metrics.report(target_fp_per_image=self.operating_fp_per_image)
+        self.val_metrics.reset()
+        self._log_scalars("val", report)
+        if not self.trainer.sanity_checking and report.operating_point is not None:
+            self.operating_point = report.operating_point.as_dict()
 
     def on_test_epoch_end(self) -> None:
-        self._log_metrics("test", self.test_metrics)
-
-    def _log_metrics(self, stage: str, metrics: DetectionMetrics) -> None:
-        values = metrics.compute()
-        metrics.reset()
-        # nan (nothing to measure, e.g. the sanity check on an image without lesions) is not logged
-        self.log_dict(
-            {f"{stage}/{k}": v for k, v in values.items() if not math.isnan(float(v))}, prog_bar=False, sync_dist=False
+        op = self.operating_point
+        report = self.test_metrics.report(
+            n_bootstrap=self.bootstrap_samples,
+            score_threshold=op["score_threshold"] if op else None,
+            target_fp_per_image=op["target_fp_per_image"] if op else None,
         )
+        self.test_metrics.reset()
+        self._log_scalars("test", report)
+        self.last_test_report = report
+        self._log_report_files(report, "evaluation/test")
+
+    def _mlflow_logger(self) -> MLFlowLogger | None:
+        return next((lg for lg in self.trainer.loggers if isinstance(lg, MLFlowLogger)), None)
+
+    def _log_report_files(self, report: EvaluationReport, artifact_path: str) -> None:
+        """The report's table, JSON and plots as artifacts of the run (rank 0; never fatal)."""
+        logger = self._mlflow_logger()
+        if logger is None or not self.trainer.is_global_zero:
+            return
+        from medrpn.runs import write_report_files  # matplotlib only when it is needed
+
+        with tempfile.TemporaryDirectory() as tmp:
+            write_report_files(report, Path(tmp), artifact_path.rsplit("/", 1)[-1])
+            if hasattr(logger, "log_artifacts"):  # medrpn's logger: keeps them if the server is away
+                logger.log_artifacts(tmp, artifact_path)
+                return
+            try:
+                logger.experiment.log_artifacts(logger.run_id, tmp, artifact_path)
+            except Exception as error:  # the plots must not end a finished training
+                rank_zero_warn(f"Could not log the evaluation plots to MLflow: {error.__class__.__name__}: {error}")
+
+    def _log_scalars(self, stage: str, report: EvaluationReport) -> None:
+        # nan (nothing to measure, e.g. the sanity check on an image without lesions) is not logged;
+        # every rank holds the same gathered values, so no further sync
+        self.log_dict(
+            {f"{stage}/{k}": float(v) for k, v in report.scalars.items() if not math.isnan(v)},
+            prog_bar=False,
+            sync_dist=False,
+        )
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Stores the operating point and the MLflow run, as plain data (`weights_only` loading)."""
+        if self.operating_point is not None:
+            checkpoint["operating_point"] = {k: float(v) for k, v in self.operating_point.items()}
+        logger = self._mlflow_logger()
+        if logger is not None and logger.run_id is not None:
+            from medrpn.runs import absolute_tracking_uri
+
+            checkpoint["mlflow_run"] = {
+                "run_id": str(logger.run_id),
+                "experiment_id": str(logger.experiment_id),
+                "tracking_uri": absolute_tracking_uri(str(logger._tracking_uri)),
+            }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.operating_point = checkpoint.get("operating_point")
+        self.mlflow_run = checkpoint.get("mlflow_run")
 
     def configure_optimizers(self) -> dict[str, Any]:
         params = [p for p in self.parameters() if p.requires_grad]

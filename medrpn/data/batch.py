@@ -5,7 +5,8 @@ A sample (one image) is a dict:
     target: {"boxes": float32 (N, 4) absolute pixel xyxy in the *resized* image,
              "labels": int64 (N,) 0-based lesion class}; N = 0 for an image without lesions
     meta:   {"path": str, "scale": float (resized / original), "original_size": (H, W),
-             "spacing": (row, col) millimetres or None, "uids": dict of DICOM UIDs}
+             "spacing": (row, col) millimetres or None, "uids": dict of DICOM UIDs,
+             "patient_id": str or None (for patient-level bootstrap; never logged)}
 
 A batch is a dict with "images" (B, C, H, W), "targets" (list of target dicts) and "meta" (list).
 A box in the original image is the box in the batch divided by meta["scale"].

@@ -86,6 +86,8 @@ class DetectionDataset(Dataset):
                 "original_size": (height, width),
                 "spacing": prepared.spacing,
                 "uids": {k: prepared.meta[k] for k in _UID_KEYS if k in prepared.meta},
+                # the patient, for confidence intervals resampled over patients (never logged)
+                "patient_id": record.patient_id or prepared.meta.get("PatientID"),
             },
         }
 

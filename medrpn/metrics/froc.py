@@ -4,81 +4,143 @@ Radiology reports detection quality as the sensitivity reached at a few average 
 false positives per image (FP rates 1/8 ... 8), and their mean, the Competition Performance
 Metric (CPM) of LUNA16 and DeepLesion.
 
-Matching convention (DeepLesion / LUNA16): a prediction *hits* a ground-truth lesion when
-their IoU is at least the threshold. Each lesion is counted once, at the best score of the
-predictions hitting it. A prediction that hits any lesion is never a false positive, so a
-second prediction on an already-found lesion is neither a hit nor a false positive.
-Predictions hitting no lesion are false positives, including every prediction on an image
-without lesions (which still counts in the number of images).
+Hit rules (which prediction finds which lesion), chosen by name:
+- ``"iou"`` (DeepLesion): the IoU of prediction and lesion boxes is at least a threshold.
+- ``"center"`` (LUNA16): the prediction's centre lies within the lesion's radius of the lesion's
+  centre. A box lesion's radius is half its longer side (a LUNA16 nodule of diameter d has a d x d
+  box, so this is its d / 2). Give boxes in millimetres when the pixel spacing is known: the
+  distance is then physical even for non-square pixels.
+
+Counting (both rules): each lesion is counted once, at the best score of the predictions hitting
+it. A prediction that hits any lesion is never a false positive, so a second prediction on an
+already-found lesion is neither a hit nor a false positive. Predictions hitting no lesion are
+false positives, including every prediction on an image without lesions (which still counts in
+the number of images).
+
+Interpolation (LUNA16): the FROC curve has one point per distinct score threshold (keep the
+predictions scoring at least it) plus the origin (keep nothing: 0 FP, sensitivity 0). LUNA16's
+evaluation script reads sensitivities off it with ``numpy.interp``, i.e. linearly between the
+neighbouring thresholds; ``froc_points`` does the same, at exactly the wanted rates (LUNA16 takes
+the nearest of 10,001 grid points between 1/8 and 8, a difference below 4e-4 FP per image). Where
+the curve steps up vertically at a rate, the higher sensitivity counts; beyond the last point the
+curve stays flat. Interpolated values need not be reachable by a threshold: use
+``medrpn.metrics.operating_point`` to choose one.
 
 The work is split so it can be accumulated across batches and devices as flat tensors:
-``match_image`` per image, then ``froc_curve`` / ``froc_points`` over everything gathered.
+``hit_matrix`` / ``match_image`` per image, then ``froc_curve`` / ``froc_points`` over everything.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 from torch import Tensor
 from torchvision.ops import box_iou
 
 FP_RATES: tuple[float, ...] = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
+HIT_RULES: tuple[str, ...] = ("iou", "center")
+HitRule = Literal["iou", "center"]
+
+
+def check_hit_rule(rule: str) -> str:
+    """``rule`` if it names a hit rule, else a ValueError listing the choices."""
+    if rule not in HIT_RULES:
+        raise ValueError(f"unknown FROC hit rule {rule!r}; choose one of {', '.join(HIT_RULES)}")
+    return rule
+
+
+def _check_boxes(name: str, boxes: Tensor) -> None:
+    if boxes.ndim != 2 or boxes.shape[-1] != 4:
+        raise ValueError(f"{name} must have shape (N, 4), got {tuple(boxes.shape)}")
+
+
+def hit_matrix(pred_boxes: Tensor, gt_boxes: Tensor, rule: HitRule = "iou", iou_threshold: float = 0.3) -> Tensor:
+    """Which prediction hits which lesion under ``rule``.
+
+    Args:
+        pred_boxes: (N, 4) predicted boxes, xyxy (pixels, or millimetres for a physical distance).
+        gt_boxes: (G, 4) lesion boxes in the same unit.
+        rule: ``"iou"`` (IoU >= ``iou_threshold``) or ``"center"`` (centre distance <= lesion radius).
+        iou_threshold: used by the ``"iou"`` rule only.
+
+    Returns:
+        (N, G) bool tensor, on the device of ``pred_boxes``.
+    """
+    _check_boxes("pred_boxes", pred_boxes)
+    _check_boxes("gt_boxes", gt_boxes)
+    check_hit_rule(rule)
+    pred = pred_boxes.detach().float()
+    gt = gt_boxes.detach().float().to(pred.device)
+    if pred.shape[0] == 0 or gt.shape[0] == 0:
+        return torch.zeros(pred.shape[0], gt.shape[0], dtype=torch.bool, device=pred.device)
+    if rule == "iou":
+        return box_iou(pred, gt) >= iou_threshold
+    pred_centre = (pred[:, :2] + pred[:, 2:]) / 2
+    gt_centre = (gt[:, :2] + gt[:, 2:]) / 2
+    radius = (gt[:, 2:] - gt[:, :2]).amax(dim=1) / 2
+    distance = torch.cdist(pred_centre, gt_centre)
+    return distance <= radius[None, :]
 
 
 def match_image(
-    pred_boxes: Tensor, pred_scores: Tensor, gt_boxes: Tensor, iou_threshold: float = 0.3
+    pred_boxes: Tensor,
+    pred_scores: Tensor,
+    gt_boxes: Tensor,
+    iou_threshold: float = 0.3,
+    rule: HitRule = "iou",
 ) -> tuple[Tensor, Tensor]:
     """Match one image's predictions to its ground-truth lesions.
 
     Args:
-        pred_boxes: (N, 4) predicted boxes, absolute pixel xyxy.
+        pred_boxes: (N, 4) predicted boxes, absolute xyxy.
         pred_scores: (N,) confidence of each prediction.
-        gt_boxes: (G, 4) ground-truth boxes, absolute pixel xyxy.
-        iou_threshold: minimum IoU for a prediction to hit a lesion.
+        gt_boxes: (G, 4) ground-truth boxes, absolute xyxy.
+        iou_threshold: minimum IoU for a prediction to hit a lesion (``"iou"`` rule).
+        rule: the hit rule, ``"iou"`` or ``"center"``.
 
     Returns:
         ``gt_best_score`` (G,): for each lesion the highest score of a prediction hitting it,
         or ``-inf`` when none does; ``fp_scores`` (F,): scores of the predictions hitting no
         lesion. Both float32, on the device of ``pred_scores``.
     """
-    if pred_boxes.ndim != 2 or pred_boxes.shape[-1] != 4:
-        raise ValueError(f"pred_boxes must have shape (N, 4), got {tuple(pred_boxes.shape)}")
-    if gt_boxes.ndim != 2 or gt_boxes.shape[-1] != 4:
-        raise ValueError(f"gt_boxes must have shape (G, 4), got {tuple(gt_boxes.shape)}")
+    _check_boxes("pred_boxes", pred_boxes)
+    _check_boxes("gt_boxes", gt_boxes)
     if pred_scores.shape != (pred_boxes.shape[0],):
         raise ValueError(
             f"pred_scores must have shape ({pred_boxes.shape[0]},), got {tuple(pred_scores.shape)}"
         )
     scores = pred_scores.detach().float()
-    n_gt = gt_boxes.shape[0]
-    if n_gt == 0 or scores.numel() == 0:
-        return torch.full((n_gt,), -math.inf, device=scores.device), scores
-    iou = box_iou(pred_boxes.detach().float(), gt_boxes.detach().float().to(pred_boxes.device))
-    hits = iou >= iou_threshold  # (N, G)
-    hit_scores = torch.where(hits, scores[:, None], torch.full_like(iou, -math.inf))
-    gt_best_score = hit_scores.amax(dim=0)  # amax, not max(dim=): far faster on small CPU tensors
-    fp_scores = scores[~hits.any(dim=1)]
-    return gt_best_score, fp_scores
+    hits = hit_matrix(pred_boxes.to(scores.device), gt_boxes, rule, iou_threshold)  # (N, G)
+    return best_hit_scores(hits, scores), scores[~hits.any(dim=1)]
 
 
-def _froc_counts(gt_best_scores: Tensor, fp_scores: Tensor) -> tuple[Tensor, Tensor]:
-    """Counts of found lesions and of false positives at every distinct score threshold.
+def best_hit_scores(hits: Tensor, scores: Tensor) -> Tensor:
+    """For each column of ``hits`` (N, G), the best score of the rows hitting it (``-inf`` if none)."""
+    if hits.shape[0] == 0 or hits.shape[1] == 0:
+        return torch.full((hits.shape[1],), -math.inf, device=scores.device)
+    # amax, not max(dim=): far faster on small CPU tensors
+    return torch.where(hits, scores[:, None], torch.full_like(scores[:, None], -math.inf)).amax(dim=0)
+
+
+def froc_counts(gt_best_scores: Tensor, fp_scores: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Thresholds (descending) and the counts of found lesions and false positives at each.
 
     A threshold t keeps the predictions with score >= t; thresholds run from the highest
     score down, so both counts are non-decreasing.
     """
-    gt = gt_best_scores.detach().double().flatten()
-    fp = fp_scores.detach().double().flatten()
+    gt = gt_best_scores.detach().double().flatten().cpu()
+    fp = fp_scores.detach().double().flatten().cpu()
     thresholds = torch.unique(torch.cat([gt[torch.isfinite(gt)], fp])).flip(0)
     gt_sorted = gt.sort().values
     fp_sorted = fp.sort().values
     tp_counts = gt_sorted.numel() - torch.searchsorted(gt_sorted, thresholds, side="left")
     fp_counts = fp_sorted.numel() - torch.searchsorted(fp_sorted, thresholds, side="left")
-    return fp_counts, tp_counts
+    return thresholds, fp_counts, tp_counts
 
 
-def _check_n_images(n_images: int) -> int:
+def check_n_images(n_images: int) -> int:
     n = int(n_images)
     if n < 1:
         raise ValueError(f"n_images must be at least 1, got {n}")
@@ -86,7 +148,7 @@ def _check_n_images(n_images: int) -> int:
 
 
 def froc_curve(gt_best_scores: Tensor, fp_scores: Tensor, n_images: int) -> tuple[Tensor, Tensor]:
-    """The FROC curve over every distinct score threshold.
+    """The FROC curve: the origin, then one point per distinct score threshold.
 
     Args:
         gt_best_scores: (G,) best hitting score per lesion (``-inf`` if never hit), all images.
@@ -94,14 +156,42 @@ def froc_curve(gt_best_scores: Tensor, fp_scores: Tensor, n_images: int) -> tupl
         n_images: number of images evaluated, including those without lesions.
 
     Returns:
-        ``(fp_per_image, sensitivity)``, float64, sorted by FP per image ascending (one point
-        per threshold, highest threshold first). Sensitivity is nan when there are no lesions.
+        ``(fp_per_image, sensitivity)``, float64, FP per image ascending: first (0, 0) for
+        "keep nothing", then the highest threshold first. Sensitivity is nan when there are no
+        lesions.
     """
-    n = _check_n_images(n_images)
-    fp_counts, tp_counts = _froc_counts(gt_best_scores, fp_scores)
+    n = check_n_images(n_images)
+    _, fp_counts, tp_counts = froc_counts(gt_best_scores, fp_scores)
+    zero = torch.zeros(1, dtype=torch.float64)
+    fp_per_image = torch.cat([zero, fp_counts.double() / n])
     n_gt = gt_best_scores.numel()
-    sensitivity = tp_counts.double() / n_gt if n_gt else torch.full(tp_counts.shape, math.nan, dtype=torch.float64)
-    return fp_counts.double() / n, sensitivity
+    if n_gt == 0:
+        return fp_per_image, torch.full(fp_per_image.shape, math.nan, dtype=torch.float64)
+    return fp_per_image, torch.cat([zero, tp_counts.double() / n_gt])
+
+
+def interpolate_counts(fp_counts: Tensor, tp_counts: Tensor, fp_limits: Tensor) -> Tensor:
+    """Found-lesion counts linearly interpolated at false-positive counts (the LUNA16 reading).
+
+    Args:
+        fp_counts: (..., T) non-decreasing false-positive counts of a curve starting at the origin.
+        tp_counts: (..., T) found-lesion counts at the same points.
+        fp_limits: (..., R) false-positive counts to read the curve at (rate x number of images).
+
+    Returns:
+        (..., R) float64: at a vertical step the upper value; past the last point, the last value.
+    """
+    fp = fp_counts.double().contiguous()
+    tp = tp_counts.double()
+    limits = fp_limits.double().contiguous()
+    last = fp.shape[-1] - 1
+    j = (torch.searchsorted(fp, limits, right=True) - 1).clamp(0, last)
+    j_next = (j + 1).clamp(max=last)
+    x0, x1 = fp.gather(-1, j), fp.gather(-1, j_next)
+    y0, y1 = tp.gather(-1, j), tp.gather(-1, j_next)
+    span = x1 - x0
+    fraction = torch.where(span > 0, (limits - x0) / torch.where(span > 0, span, 1.0), 0.0).clamp(0, 1)
+    return y0 + fraction * (y1 - y0)
 
 
 def froc_points(
@@ -110,12 +200,7 @@ def froc_points(
     n_images: int,
     fp_rates: tuple[float, ...] = FP_RATES,
 ) -> dict[float, float]:
-    """Sensitivity at each false-positive rate.
-
-    The sensitivity at rate r is the highest sensitivity among thresholds whose FP per image
-    is <= r: a step function read from the left, with no interpolation between thresholds,
-    so it never claims more than some threshold actually achieves (conservative). When even
-    the highest threshold exceeds r, the sensitivity is 0 (the "keep nothing" operating point).
+    """Sensitivity at each false-positive rate, interpolated on the FROC curve as LUNA16 does.
 
     Args:
         gt_best_scores: (G,) best hitting score per lesion (``-inf`` if never hit), all images.
@@ -126,16 +211,14 @@ def froc_points(
     Returns:
         ``{rate: sensitivity}``; every value nan when there is no ground-truth lesion.
     """
-    n = _check_n_images(n_images)
+    n = check_n_images(n_images)
     n_gt = gt_best_scores.numel()
     if n_gt == 0:
         return {float(rate): math.nan for rate in fp_rates}
-    fp_counts, tp_counts = _froc_counts(gt_best_scores, fp_scores)
-    # FP/n <= r  <=>  FP <= r*n, compared on counts to avoid rounding in the division.
-    limits = torch.tensor([rate * n for rate in fp_rates], dtype=torch.float64, device=fp_counts.device)
-    last = torch.searchsorted(fp_counts.double(), limits, side="right") - 1
-    padded = torch.cat([tp_counts.new_zeros(1), tp_counts])  # index 0: nothing kept
-    found = padded[last + 1]
+    _, fp_counts, tp_counts = froc_counts(gt_best_scores, fp_scores)
+    origin = torch.zeros(1, dtype=torch.long)
+    limits = torch.tensor([rate * n for rate in fp_rates], dtype=torch.float64)
+    found = interpolate_counts(torch.cat([origin, fp_counts]), torch.cat([origin, tp_counts]), limits)
     return {float(rate): float(k) / n_gt for rate, k in zip(fp_rates, found.tolist())}
 
 
