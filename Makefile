@@ -18,11 +18,11 @@ demo: setup
 	$(BIN)/medrpn synth --out demo/data --n-images 400 --seed 0
 	$(BIN)/medrpn synth --out demo/new_scans --n-images 8 --seed 1000
 	$(BIN)/medrpn fit --config configs/demo.yaml
-	$(BIN)/medrpn predict --ckpt demo/checkpoints/best.ckpt --input demo/new_scans/images --output demo/findings
+	$(BIN)/medrpn predict --ckpt demo/checkpoints/best.ckpt --input demo/new_scans/images --output demo/findings --overwrite
 	@echo ""
 	@echo "Demo done. MLflow store: $(CURDIR)/mlruns.db  (mlflow ui --backend-store-uri sqlite:///mlruns.db)"
 	@echo "           checkpoint:   $(CURDIR)/demo/checkpoints/best.ckpt"
-	@echo "           findings:     $(CURDIR)/demo/findings  (JSON + overlay PNG per scan)"
+	@echo "           findings:     $(CURDIR)/demo/findings  (per study: findings.json, DICOM SR, GSPS, overlay PNGs)"
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -24,6 +24,8 @@ file paths and reasons only.
 
 from __future__ import annotations
 
+import argparse
+
 import hashlib
 import os
 import re
@@ -606,4 +608,39 @@ def _findings(
         frame=item.frame,
         uids=uids,
         overlay=item.overlay,
+    )
+
+
+def main(argv: list[str]) -> None:
+    """`medrpn predict --ckpt CKPT --input FILE_OR_DIR --output DIR [...]`."""
+    parser = argparse.ArgumentParser(
+        prog="medrpn predict",
+        description="Find lesions in new images. Per DICOM study: findings JSON, DICOM SR (TID 1500), "
+        "GSPS and overlay PNGs; per folder of PNG/JPEG/NIfTI images: findings JSON and overlays.",
+    )
+    parser.add_argument("--ckpt", required=True, type=Path, help="checkpoint written by `medrpn fit`")
+    parser.add_argument(
+        "--input", required=True, type=Path, help="an image file or a folder tree of them (DICOM, PNG, JPEG, NIfTI)"
+    )
+    parser.add_argument("--output", required=True, type=Path, help="folder for the outputs (one subfolder per study)")
+    parser.add_argument(
+        "--score-threshold",
+        type=float,
+        default=None,
+        help="keep findings scoring at least this (default: the checkpoint's operating point, else 0.5)",
+    )
+    parser.add_argument("--batch-size", type=int, default=8, help="images per forward pass")
+    parser.add_argument(
+        "--num-workers", type=int, default=None, help="reader processes (default: CPU cores - 1, at most 4; 0: none)"
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace existing outputs (default: keep them)")
+    args = parser.parse_args(argv)
+    predict_files(
+        args.ckpt,
+        args.input,
+        args.output,
+        score_threshold=args.score_threshold,
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        overwrite=args.overwrite,
     )

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import tempfile
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,10 @@ from medrpn.model import (
     RPNConfig,
     build_detector,
 )
+
+# Epoch figures are gathered by the metric itself and equal on every rank, so Lightning's advice
+# to sync them again (one warning per figure per epoch under DDP) does not apply.
+warnings.filterwarnings("ignore", message=r".*when logging on epoch level in distributed setting.*")
 
 LOSS_NAMES = ("loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg")
 

@@ -1,0 +1,73 @@
+"""Distributed training on CPU with real processes (gloo): one MLflow run, one set of
+checkpoints, and validation metrics that equal what a single process computes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from medrpn.data.datamodule import LesionDataModule
+from medrpn.synth import write_synthetic_dataset
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _medrpn(*args: str, cwd: Path) -> str:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "medrpn", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=900
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    return output
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ddp")
+    write_synthetic_dataset(root / "data", n_images=40, image_size=128, seed=11)
+    annotations = root / "data" / "annotations.csv"
+    # an even number of validation images, so that the distributed sampler pads nothing
+    seed = next(
+        s for s in range(20)
+        if len(LesionDataModule(str(annotations), val_fraction=0.25, test_fraction=0.1, split_seed=s).splits["val"]) % 2 == 0
+    )
+    common = [
+        "--config", str(REPO / "configs" / "demo.yaml"), "--data.annotations", str(annotations),
+        "--data.image_size", "128", "--data.num_workers", "0", "--data.batch_size", "2",
+        "--data.val_fraction", "0.25", "--data.test_fraction", "0.1", "--data.split_seed", str(seed),
+        "--model.backbone.fpn_channels", "32", "--trainer.enable_progress_bar", "false", "--trainer.accelerator", "cpu",
+    ]
+    return root, common
+
+
+def test_two_process_ddp_fit_makes_one_run_and_validation_matches_one_process(data):
+    root, common = data
+    output = _medrpn(
+        "fit", *common, "--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.max_epochs", "1",
+        "--trainer.limit_train_batches", "3", "--trainer.logger.init_args.run_name", "ddp-fit", cwd=root,
+    )
+    assert output.count("medrpn fit finished.") == 1  # the summary comes from rank 0 only
+    assert "distributed_backend=gloo" in output and "All distributed processes registered" in output
+    checkpoint = root / "demo" / "checkpoints" / "best.ckpt"
+    assert checkpoint.is_file() and not list((root / "demo" / "checkpoints").glob("best-v*.ckpt"))
+
+    for devices in ("1", "2"):
+        _medrpn(
+            "validate", *common, "--trainer.devices", devices, "--trainer.strategy", "ddp" if devices == "2" else "auto",
+            "--ckpt_path", str(checkpoint), "--trainer.logger.init_args.run_name", f"validate-{devices}", cwd=root,
+        )
+    mlflow.set_tracking_uri(f"sqlite:///{root / 'mlruns.db'}")
+    runs = {r.info.run_name: r for r in mlflow.search_runs(experiment_names=["medrpn-demo"], output_format="list")}
+    assert sorted(runs) == ["ddp-fit", "validate-1", "validate-2"]  # one run per command, not per process
+    assert "val/cpm" in runs["ddp-fit"].data.metrics and "test/froc_1fp" in runs["ddp-fit"].data.metrics
+    one, two = runs["validate-1"].data.metrics, runs["validate-2"].data.metrics
+    keys = [k for k in one if k.startswith("val/")]
+    assert "val/cpm" in keys and "val/rpn_recall100" in keys
+    for key in keys:
+        assert two[key] == pytest.approx(one[key], abs=1e-6), key
