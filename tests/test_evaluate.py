@@ -38,7 +38,7 @@ def test_fit_logs_every_figure_per_epoch_and_a_final_evaluation(run):
     for key in ("froc_0.125fp", "froc_1fp", "froc_8fp", "cpm", "map10", "map50", "map50_95",
                 "rpn_recall10", "rpn_recall1000", "rpn_ar100", "op_score_threshold", "op_fp_per_image"):
         assert f"val/{key}" in metrics and f"test/{key}" in metrics, key
-    assert f"val/nodule/cpm" in metrics and "test/spiculated/map50" in metrics  # per class
+    assert "val/nodule/cpm" in metrics and "test/spiculated/map50" in metrics  # per class
     # the final evaluation adds bootstrap intervals around its points
     for key in ("froc_1fp", "cpm"):
         low, value, high = (metrics[f"test/{key}{s}"] for s in ("_ci_low", "", "_ci_high"))
