@@ -10,6 +10,7 @@ stops an epoch.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -52,11 +53,13 @@ class DetectionDataset(Dataset):
         self.image_size = image_size
         self.images = images or ImageCache(CacheConfig(mode="none"), ReadConfig(), image_size)
         self._reported: set[str] = set()
+        self._seeded_in: int | None = None
 
     def __len__(self) -> int:
         return len(self.records)
 
     def __getitem__(self, index: int) -> dict[str, Any] | None:
+        self._seed_augmentation()
         record = self.records[index]
         try:
             return self._sample(record)
@@ -65,6 +68,15 @@ class DetectionDataset(Dataset):
         except Exception as error:  # never let one image end an epoch
             self._report(record.key, str(record.image_path), f"{type(error).__name__}: {error}")
         return None
+
+    def _seed_augmentation(self) -> None:
+        """Seeds albumentations (which ignores the global seeds) once per process from torch's
+        seed: the main process's after `seed_everything`, or a DataLoader worker's (base seed +
+        worker id). The same seed then gives the same augmentations, and workers differ."""
+        pid = os.getpid()
+        if self._seeded_in != pid:
+            self.transform.set_random_seed(torch.initial_seed() % 2**32)
+            self._seeded_in = pid
 
     def _sample(self, record: Record) -> dict[str, Any]:
         prepared = self.images.get(record)
