@@ -8,6 +8,7 @@ checkpoint on the held-out test split, in the same MLflow run, and prints where 
 from __future__ import annotations
 
 import math
+import pickle
 from pathlib import Path
 
 from jsonargparse import lazy_instance
@@ -15,6 +16,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
 from medrpn.data.datamodule import LesionDataModule
+from medrpn.errors import MedrpnError
 from medrpn.tracking import MLflowConfigLogger, describe_run
 from medrpn.tracking_outbox import MLflowLogger
 from medrpn.training import LesionDetectionModule
@@ -73,11 +75,21 @@ def _print_fit_summary(trainer, best: str | None, test_metrics: dict[str, float]
 
 
 def run(argv: list[str]) -> None:
-    """Runs a LightningCLI subcommand (fit, validate, test, ...) with medrpn's model and data."""
-    MedrpnCLI(
-        LesionDetectionModule,
-        LesionDataModule,
-        save_config_callback=MLflowConfigLogger,
-        save_config_kwargs={"overwrite": True},
-        args=argv,
-    )
+    """Runs a LightningCLI subcommand (fit, validate, test, ...) with medrpn's model and data.
+
+    Checkpoints are loaded with `weights_only` (torch's default): one that carries pickled code
+    is refused with a clear error instead of being run.
+    """
+    try:
+        MedrpnCLI(
+            LesionDetectionModule,
+            LesionDataModule,
+            save_config_callback=MLflowConfigLogger,
+            save_config_kwargs={"overwrite": True},
+            args=argv,
+        )
+    except pickle.UnpicklingError as error:
+        raise MedrpnError(
+            "the checkpoint holds objects other than tensors and plain data, which could run code when "
+            f"loaded; it was refused ({str(error).splitlines()[0][:200]})"
+        ) from None

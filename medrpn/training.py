@@ -27,6 +27,7 @@ from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
+from medrpn.errors import ConfigError
 from medrpn.metrics import DetectionMetrics, EvaluationReport
 from medrpn.metrics.froc import HitRule, check_hit_rule
 from medrpn.model import (
@@ -42,6 +43,18 @@ from medrpn.model import (
 # Epoch figures are gathered by the metric itself and equal on every rank, so Lightning's advice
 # to sync them again (one warning per figure per epoch under DDP) does not apply.
 warnings.filterwarnings("ignore", message=r".*when logging on epoch level in distributed setting.*")
+
+# Settings that decide the shape or meaning of the weights: a checkpoint only fits a model with
+# the same ones (thresholds, NMS and the optimiser may differ).
+_MODEL_SHAPE_KEYS = ("class_names", "backbone", "anchors", "roi", "pixel_mean", "pixel_std")
+_ROI_SHAPE_FIELDS = ("output_size", "sampling_ratio", "representation_size")
+
+
+def _shape_part(key: str, value: Any) -> Any:
+    if key == "roi" and isinstance(value, dict):
+        return {k: value.get(k) for k in _ROI_SHAPE_FIELDS}
+    return value
+
 
 LOSS_NAMES = ("loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg")
 
@@ -235,6 +248,20 @@ class LesionDetectionModule(L.LightningModule):
             }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuses, with the differing settings named, a checkpoint of another model shape; then
+        restores the operating point and the MLflow run (called before the weights are loaded)."""
+        saved = checkpoint.get("hyper_parameters", {})
+        differences = [
+            f"{key}: checkpoint {saved.get(key)!r}, here {self.hparams.get(key)!r}"
+            for key in _MODEL_SHAPE_KEYS
+            if key in saved and _shape_part(key, saved[key]) != _shape_part(key, self.hparams.get(key))
+        ]
+        if differences:
+            raise ConfigError(
+                "this checkpoint was trained with other model settings, so its weights do not fit this model: "
+                + "; ".join(differences)
+                + ". Use the config it was trained with (it is the run's config.yaml artifact)."
+            )
         self.operating_point = checkpoint.get("operating_point")
         self.mlflow_run = checkpoint.get("mlflow_run")
 
