@@ -32,13 +32,14 @@ TOOLS: dict[str, str] = {
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    """Runs the command given by `argv` (default: the process's command line)."""
+    args = list(sys.argv[1:] if argv is None else argv)
     try:
-        if argv and argv[0] in TOOLS:
-            return importlib.import_module(TOOLS[argv[0]]).main(argv[1:])
+        if args and args[0] in TOOLS:
+            return importlib.import_module(TOOLS[args[0]]).main(args[1:])
         from medrpn.lightning_cli import run
 
-        run(argv)
+        run(None if argv is None else args)  # None: LightningCLI reads the command line itself
     except MedrpnError as error:
         print(f"medrpn: error: {error}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -74,7 +74,7 @@ def _print_fit_summary(trainer, best: str | None, test_metrics: dict[str, float]
     print("\n".join(lines), flush=True)
 
 
-def run(argv: list[str]) -> None:
+def run(argv: list[str] | None) -> None:
     """Runs a LightningCLI subcommand (fit, validate, test, ...) with medrpn's model and data.
 
     Checkpoints are loaded with `weights_only` (torch's default): one that carries pickled code
