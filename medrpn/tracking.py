@@ -22,7 +22,8 @@ from lightning.pytorch.loggers import MLFlowLogger
 from medrpn.data.records import Record
 
 
-def _mlflow_logger(trainer: L.Trainer) -> MLFlowLogger | None:
+def mlflow_logger(trainer: L.Trainer) -> MLFlowLogger | None:
+    """The trainer's MLflow logger, if it has one."""
     return next((lg for lg in trainer.loggers if isinstance(lg, MLFlowLogger)), None)
 
 
@@ -34,7 +35,7 @@ class MLflowConfigLogger(SaveConfigCallback):
         super().__init__(*args, **kwargs)
 
     def save_config(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        logger = _mlflow_logger(trainer)
+        logger = mlflow_logger(trainer)
         if logger is None:
             return
         text = self.parser.dump(self.config, skip_none=False)
@@ -81,7 +82,7 @@ def dataset_fingerprint(records: Sequence[Record]) -> str:
 
 def describe_run(trainer: L.Trainer) -> dict[str, str] | None:
     """Tracking URI, experiment and run id of the trainer's MLflow run, if it has one."""
-    logger = _mlflow_logger(trainer)
+    logger = mlflow_logger(trainer)
     if logger is None or logger.run_id is None:
         return None
     return {

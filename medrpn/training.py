@@ -23,7 +23,6 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
@@ -39,6 +38,7 @@ from medrpn.model import (
     RPNConfig,
     build_detector,
 )
+from medrpn.tracking import mlflow_logger
 
 # Epoch figures are gathered by the metric itself and equal on every rank, so Lightning's advice
 # to sync them again (one warning per figure per epoch under DDP) does not apply.
@@ -204,12 +204,9 @@ class LesionDetectionModule(L.LightningModule):
         self.last_test_report = report
         self._log_report_files(report, "evaluation/test")
 
-    def _mlflow_logger(self) -> MLFlowLogger | None:
-        return next((lg for lg in self.trainer.loggers if isinstance(lg, MLFlowLogger)), None)
-
     def _log_report_files(self, report: EvaluationReport, artifact_path: str) -> None:
         """The report's table, JSON and plots as artifacts of the run (rank 0; never fatal)."""
-        logger = self._mlflow_logger()
+        logger = mlflow_logger(self.trainer)
         if logger is None or not self.trainer.is_global_zero:
             return
         from medrpn.runs import write_report_files  # matplotlib only when it is needed
@@ -237,7 +234,7 @@ class LesionDetectionModule(L.LightningModule):
         """Stores the operating point and the MLflow run, as plain data (`weights_only` loading)."""
         if self.operating_point is not None:
             checkpoint["operating_point"] = {k: float(v) for k, v in self.operating_point.items()}
-        logger = self._mlflow_logger()
+        logger = mlflow_logger(self.trainer)
         if logger is not None and logger.run_id is not None:
             from medrpn.runs import absolute_tracking_uri
 
