@@ -3,21 +3,29 @@
 Every setting lives in YAML (`--config configs/demo.yaml`), can be overridden on the command line
 (`--trainer.max_epochs 3`) and printed (`--print_config`). `fit` ends by evaluating the best
 checkpoint on the held-out test split, in the same MLflow run, and prints where everything is.
+
+`fit --ckpt_path last` (or a checkpoint's path) resumes a stopped run: from the newest
+`last.ckpt` that `ResumeCheckpoint` wrote, with its optimizer step count, and logging into the
+MLflow run the checkpoint came from.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import pickle
+import signal
 from pathlib import Path
 
 from jsonargparse import lazy_instance
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from medrpn.checkpointing import ResumeCheckpoint, find_last_checkpoint, resume_run_id
 from medrpn.data.datamodule import LesionDataModule
 from medrpn.errors import MedrpnError
-from medrpn.tracking import MLflowConfigLogger, describe_run
+from medrpn.tracking import MLflowConfigLogger, describe_run, mlflow_logger
 from medrpn.tracking_outbox import MLflowLogger
 from medrpn.training import LesionDetectionModule
 
@@ -36,11 +44,26 @@ class MedrpnCLI(LightningCLI):
                 ),
                 "trainer.callbacks": [
                     lazy_instance(ModelCheckpoint, monitor="val/cpm", mode="max", save_top_k=1, filename="best-{epoch}"),
+                    lazy_instance(ResumeCheckpoint, dirpath="runs/checkpoints", every_n_train_steps=100),
                     lazy_instance(LearningRateMonitor, logging_interval="step"),
                 ],
                 "trainer.default_root_dir": "runs",
             }
         )
+
+    def before_fit(self) -> None:
+        """When resuming, logs into the MLflow run the checkpoint was written by."""
+        ckpt_path = self.config[self.subcommand].get("ckpt_path")
+        if ckpt_path in (None, "best", "hpc", "registry"):
+            return
+        path = find_last_checkpoint(self.trainer) if ckpt_path == "last" else Path(ckpt_path)
+        logger = mlflow_logger(self.trainer)
+        if path is None or logger is None or logger._run_id is not None:
+            return
+        run_id = resume_run_id(path)
+        if run_id is not None:
+            logger._run_id = run_id  # read by MLFlowLogger.experiment, which then reopens that run
+            print(f"medrpn: resuming from {path}, in MLflow run {run_id}", flush=True)
 
     def after_fit(self) -> None:
         trainer, datamodule = self.trainer, self.datamodule
@@ -74,6 +97,22 @@ def _print_fit_summary(trainer, best: str | None, test_metrics: dict[str, float]
     print("\n".join(lines), flush=True)
 
 
+_PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "NCCL communicator was aborted", "Timed out")
+
+
+def _lost_peer(error: RuntimeError) -> bool:
+    """Whether an error is a distributed collective failing because another rank is gone."""
+    import torch.distributed as dist
+
+    return isinstance(error, dist.DistError) or (dist.is_initialized() and any(m in str(error) for m in _PEER_LOST))
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", 0))
+
+
 def run(argv: list[str] | None) -> None:
     """Runs a LightningCLI subcommand (fit, validate, test, ...) with medrpn's model and data.
 
@@ -88,6 +127,16 @@ def run(argv: list[str] | None) -> None:
             save_config_kwargs={"overwrite": True},
             args=argv,
         )
+    except RuntimeError as error:
+        if not _lost_peer(error):
+            raise
+        raise MedrpnError(
+            f"a training process stopped: rank {_rank()} lost its connection to the other ranks, so one of them "
+            f"died or hung (see its log above; {str(error).splitlines()[0][:200]}). All ranks were stopped; "
+            "restart the same command with --ckpt_path last to go on from the last checkpoint."
+        ) from None
+    except SIGTERMException:
+        raise SystemExit(128 + signal.SIGTERM) from None  # what a scheduler expects of a terminated job
     except pickle.UnpicklingError as error:
         raise MedrpnError(
             "the checkpoint holds objects other than tensors and plain data, which could run code when "

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import subprocess
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,13 @@ def mlflow_logger(trainer: L.Trainer) -> MLFlowLogger | None:
 
 
 class MLflowConfigLogger(SaveConfigCallback):
-    """Logs the resolved LightningCLI config to the run (rank 0 only, once per run)."""
+    """Logs the resolved LightningCLI config to the run (rank 0 only, once per command).
+
+    A resumed run (`fit --ckpt_path last`) already has parameters, and MLflow refuses to change
+    one: then only new parameters are logged, the settings that differ are named in the tag
+    `medrpn.resume_changed_params`, the run is marked RUNNING again, and the resumed command's
+    config is kept beside the first as `config-resume-<time>.yaml`.
+    """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs["save_to_log_dir"] = False
@@ -41,14 +48,32 @@ class MLflowConfigLogger(SaveConfigCallback):
         text = self.parser.dump(self.config, skip_none=False)
         config = self.config.as_dict()
         config.pop("config", None)  # the paths of the config files, not settings
-        logger.log_hyperparams(config)
-        logger.experiment.log_text(logger.run_id, text, self.config_filename)
+        params = flat_params(config)
+        existing = logger.experiment.get_run(logger.run_id).data.params
+        config_file = self.config_filename
         tags = {"medrpn.git_commit": git_commit(), "medrpn.config_sha256": hashlib.sha256(text.encode()).hexdigest()}
+        if existing:  # a resumed run
+            changed = sorted(k for k, v in params.items() if k in existing and existing[k] != v)
+            params = {k: v for k, v in params.items() if k not in existing}
+            tags["medrpn.resume_changed_params"] = ", ".join(changed)[:5000] or "none"
+            config_file = f"config-resume-{time.strftime('%Y%m%dT%H%M%S')}.yaml"
+            logger.experiment.update_run(logger.run_id, status="RUNNING")
+        if params:
+            logger.log_hyperparams(params)
+        logger.experiment.log_text(logger.run_id, text, config_file)
         records = getattr(trainer.datamodule, "records", None)
         if records is not None:
             tags["medrpn.dataset_fingerprint"] = dataset_fingerprint(records)
         for key, value in tags.items():
             logger.experiment.set_tag(logger.run_id, key, value)
+
+
+def flat_params(config: dict[str, Any]) -> dict[str, str]:
+    """A nested config as MLflow parameters: "a/b/c" keys, values as text cut to MLflow's 250 chars
+    (the form Lightning's MLFlowLogger gives them)."""
+    from lightning.fabric.utilities.logger import _convert_params, _flatten_dict
+
+    return {k: str(v)[:250] for k, v in _flatten_dict(_convert_params(config)).items()}
 
 
 def git_commit() -> str:

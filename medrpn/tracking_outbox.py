@@ -14,6 +14,7 @@ unless set in the environment), so a dead server costs seconds, not MLflow's def
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -27,6 +28,7 @@ from lightning.pytorch.loggers.utilities import _scan_checkpoints
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
 from medrpn.errors import MedrpnError
+from medrpn.tracking import flat_params
 
 _HTTP_DEFAULTS = {
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
@@ -46,7 +48,10 @@ class MLflowLogger(MLFlowLogger):
     def __init__(self, *args: Any, outbox_dir: str = "mlflow-outbox", **kwargs: Any) -> None:
         for key, value in _HTTP_DEFAULTS.items():
             os.environ.setdefault(key, value)
-        super().__init__(*args, **kwargs)
+        # Opening an SQLite store creates or migrates its schema; processes started together
+        # (torchrun, SLURM tasks, two users at once) must take turns or the migration races.
+        with _sqlite_lock(kwargs.get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI")):
+            super().__init__(*args, **kwargs)
         self.outbox_dir = Path(outbox_dir)
         self._offline = False
 
@@ -57,7 +62,7 @@ class MLflowLogger(MLFlowLogger):
 
     @rank_zero_only
     def log_hyperparams(self, params: Any) -> None:
-        self._send(lambda: super(MLflowLogger, self).log_hyperparams(params), {"kind": "params", "params": _plain(params)})
+        self._send(lambda: super(MLflowLogger, self).log_hyperparams(params), {"kind": "params", "params": flat_params(params)})
 
     @rank_zero_only
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
@@ -82,6 +87,13 @@ class MLflowLogger(MLFlowLogger):
             except Exception as error:  # noqa: BLE001 - any failure of the server or the network
                 self._go_offline(error)
         self._keep(keep_copies())
+
+    def after_save_checkpoint(self, checkpoint_callback: Any) -> None:
+        """Models to keep are logged; `ResumeCheckpoint`'s `last.ckpt` is a local resume aid and is not."""
+        from medrpn.checkpointing import ResumeCheckpoint
+
+        if not isinstance(checkpoint_callback, ResumeCheckpoint):
+            super().after_save_checkpoint(checkpoint_callback)
 
     @rank_zero_only
     def finalize(self, status: str = "success") -> None:
@@ -122,10 +134,14 @@ class MLflowLogger(MLFlowLogger):
             f.write(json.dumps(entry) + "\n")
 
 
-def _plain(params: Any) -> dict[str, str]:
-    from lightning.fabric.utilities.logger import _convert_params, _flatten_dict
+def _sqlite_lock(tracking_uri: str | None) -> contextlib.AbstractContextManager:
+    """An inter-process lock beside an SQLite tracking store's file (a no-op for other stores)."""
+    if not tracking_uri or not tracking_uri.startswith("sqlite:///"):
+        return contextlib.nullcontext()
+    from filelock import FileLock
 
-    return {k: str(v)[:250] for k, v in _flatten_dict(_convert_params(params)).items()}
+    database = Path(tracking_uri.removeprefix("sqlite:///")).expanduser()
+    return FileLock(f"{database}.lock", timeout=300)
 
 
 def sync_outbox(path: str | Path, tracking_uri: str | None = None) -> dict[str, int]:

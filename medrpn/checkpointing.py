@@ -1,0 +1,90 @@
+"""Checkpoints to resume from: every N optimizer steps, at every epoch end, and when told to stop.
+
+A long run on a shared cluster gets stopped: a job's time runs out (SIGTERM, or SIGUSR1 under
+SLURM), a node is pre-empted, a process is killed (SIGKILL). `ResumeCheckpoint` keeps one file,
+`last.ckpt`, that is never more than `every_n_train_steps` optimizer steps old, and rewrites it
+at once when the process receives SIGTERM (Lightning stops at the next batch boundary and raises
+`SIGTERMException`). `medrpn fit --ckpt_path last` then continues from it: the same optimizer
+step count, learning-rate schedule and epoch, in the same MLflow run (the checkpoint records the
+run, see `resume_run_id`).
+
+It is a `ModelCheckpoint` that keeps no "top k" files, so it never competes with the checkpoint
+of the best validation score, which stays the model logged to MLflow.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from medrpn.errors import MedrpnError
+
+
+class ResumeCheckpoint(ModelCheckpoint):
+    """Writes `<dirpath>/last.ckpt` every `every_n_train_steps` optimizer steps, after every
+    validation, and on SIGTERM.
+
+    Args:
+        dirpath: folder of `last.ckpt` (the folder `--ckpt_path last` searches); a fixed folder,
+            not one named after the run, so that a new command finds it.
+        every_n_train_steps: optimizer steps between two saves; 0 saves only at epoch ends and on
+            SIGTERM.
+    """
+
+    def __init__(self, dirpath: str | Path, every_n_train_steps: int = 100) -> None:
+        if every_n_train_steps < 0:
+            raise MedrpnError(f"ResumeCheckpoint.every_n_train_steps must be >= 0, got {every_n_train_steps}")
+        super().__init__(
+            dirpath=dirpath,
+            save_top_k=0,
+            save_last=True,
+            every_n_train_steps=every_n_train_steps or None,
+            every_n_epochs=None if every_n_train_steps else 1,
+            enable_version_counter=False,
+        )
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """After each validation, also when saving by steps (Lightning's own triggers are exclusive)."""
+        super().on_validation_end(trainer, pl_module)
+        if self._every_n_train_steps and not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        """On SIGTERM, saves the state reached (at a batch boundary, so it resumes exactly)."""
+        if not isinstance(exception, SIGTERMException):
+            return
+        if self._last_global_step_saved != trainer.global_step:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        rank_zero_warn(
+            f"medrpn: stopped by SIGTERM at optimizer step {trainer.global_step} (epoch {trainer.current_epoch}); "
+            f"saved {self.last_model_path}. Resume with: medrpn fit ... --ckpt_path last"
+        )
+
+
+def find_last_checkpoint(trainer: Trainer) -> Path | None:
+    """The newest `last*.ckpt` in the folders of the trainer's checkpoint callbacks, as
+    Lightning's `ckpt_path="last"` resolves it; None if there is none."""
+    found: set[str] = set()
+    for callback in trainer.checkpoint_callbacks:
+        if isinstance(callback, ModelCheckpoint):
+            found |= callback._find_last_checkpoints(trainer)
+    return Path(max(found, key=lambda p: Path(p).stat().st_mtime)) if found else None
+
+
+def resume_run_id(checkpoint_path: str | Path) -> str | None:
+    """The MLflow run a checkpoint was written by (None when it has none), read without running
+    any code from the file."""
+    try:
+        checkpoint: dict[str, Any] = torch.load(checkpoint_path, map_location="cpu", weights_only=True, mmap=True)
+    except FileNotFoundError:
+        raise MedrpnError(f"{checkpoint_path}: checkpoint not found") from None
+    except Exception as error:  # noqa: BLE001 - any unreadable file gets the same clear message
+        raise MedrpnError(f"{checkpoint_path}: not a readable checkpoint ({str(error).splitlines()[0][:200]})") from None
+    run = checkpoint.get("mlflow_run") or {}
+    return run.get("run_id")
