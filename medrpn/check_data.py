@@ -20,16 +20,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import yaml
-from torchvision.models.detection.image_list import ImageList
 from torchvision.ops import box_iou
 
 from medrpn.data.datamodule import LesionDataModule
@@ -37,41 +34,11 @@ from medrpn.data.records import Record
 from medrpn.data.splits import SPLITS
 from medrpn.data.transforms import fit_scale
 from medrpn.errors import ConfigError
-from medrpn.model.anchors import AnchorConfig, build_anchor_generator
+from medrpn.model.anchor_planning import COVERAGE_IOU, AnchorSetup, anchor_best_iou
+from medrpn.model.anchors import AnchorConfig
 
-COVERAGE_IOU = 0.5
 COVERAGE_WARNING = 0.95
 DUPLICATE_IOU = 0.95
-
-
-@dataclass
-class AnchorSetup:
-    """What the anchor coverage needs from the model config."""
-
-    anchors: AnchorConfig = field(default_factory=AnchorConfig)
-    returned_stages: list[int] = field(default_factory=lambda: [1, 2, 3, 4])
-
-    @property
-    def strides(self) -> list[int]:
-        """Stride of each pyramid level: stage k has stride 2**(k+1), plus the pooled level (x2 the last)."""
-        strides = [2 ** (k + 1) for k in sorted(self.returned_stages)]
-        return strides + [strides[-1] * 2]
-
-
-def anchor_best_iou(boxes: np.ndarray, setup: AnchorSetup, image_size: int, chunk: int = 256) -> np.ndarray:
-    """For each box (N, 4) in input pixels, the IoU of its best-matching anchor.
-
-    Anchors are made by the detector's own generator (torchvision's `AnchorGenerator` built from
-    `AnchorConfig`) on feature maps of the backbone's strides for an `image_size` square input.
-    """
-    strides = setup.strides
-    generator = build_anchor_generator(setup.anchors, len(strides))
-    images = ImageList(torch.zeros(1, 1, image_size, image_size), [(image_size, image_size)])
-    features = [torch.zeros(1, 1, math.ceil(image_size / s), math.ceil(image_size / s)) for s in strides]
-    anchors = generator(images, features)[0]
-    boxes_t = torch.as_tensor(np.asarray(boxes, dtype=np.float32).reshape(-1, 4))
-    best = [box_iou(boxes_t[i : i + chunk], anchors).max(dim=1).values for i in range(0, len(boxes_t), chunk)]
-    return torch.cat(best).numpy() if best else np.zeros(0, dtype=np.float32)
 
 
 def count_duplicates(record: Record) -> int:
@@ -86,19 +53,29 @@ def count_duplicates(record: Record) -> int:
 
 def load_config(path: Path) -> tuple[dict[str, Any], AnchorSetup]:
     """The `data` arguments and the anchor settings of a training config (LightningCLI YAML)."""
+    return config_sections(read_config(path), path)
+
+
+def read_config(path: Path) -> Any:
+    """The parsed YAML of a config file; a clear `ConfigError` when it is missing or not YAML."""
     try:
-        config = yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text())
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: invalid YAML ({e})") from None
+
+
+def config_sections(config: Any, path: Path | str) -> tuple[dict[str, Any], AnchorSetup]:
+    """The `data` arguments and the anchor settings of a parsed training config (`path` names it in errors)."""
     if not isinstance(config, dict) or not isinstance(config.get("data"), dict):
         raise ConfigError(f"{path}: no 'data' section")
     data = dict(config["data"])
     data = data.get("init_args", data) if "class_path" in data else data
     model = config.get("model") or {}
     model = model.get("init_args", model) if "class_path" in model else model
-    anchors = AnchorConfig(**(model.get("anchors") or {}))
+    anchors = model.get("anchors")
+    anchors = AnchorConfig() if anchors == "auto" else AnchorConfig(**(anchors or {}))  # auto: see check()
     stages = (model.get("backbone") or {}).get("returned_stages") or [1, 2, 3, 4]
     return data, AnchorSetup(anchors, list(stages))
 
@@ -112,7 +89,15 @@ def _quantiles(values: np.ndarray, unit: str) -> str:
 
 def check(config_path: Path) -> tuple[list[str], list[str]]:
     """Run the checks; returns the report lines and the reasons the data cannot be trained on (empty if it can)."""
-    data, anchor_setup = load_config(config_path)
+    config = read_config(config_path)
+    data, anchor_setup = config_sections(config, config_path)
+    model = config.get("model") or {}
+    model = model.get("init_args", model)
+    if model.get("anchors") == "auto":
+        from medrpn.plan import plan_for_config  # the anchors `medrpn fit` will plan
+
+        budget = model.get("anchors_per_position", 3)
+        anchor_setup.anchors = plan_for_config(config, budget, source=config_path).anchors
     policy = data.pop("on_error", "skip")
     quiet = logging.getLogger("medrpn.data")
     level = quiet.level

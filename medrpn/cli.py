@@ -7,6 +7,7 @@ of its module, imported only when called so that they start quickly:
 
     medrpn synth --out DIR                                       the synthetic DICOM demo dataset
     medrpn check-data --config CFG                               what a dataset holds, before training
+    medrpn plan --config CFG [--output NEW.yaml]                 anchors planned from the training boxes
     medrpn predict --ckpt CKPT --input FILE_OR_DIR --output DIR  findings, DICOM SR and GSPS for new scans
     medrpn evaluate --ckpt CKPT --config CFG [--split val|test]  the full evaluation table, into the run
     medrpn compare RUN [RUN ...]                                 runs side by side, FROC curves overlaid
@@ -24,6 +25,7 @@ from medrpn.errors import MedrpnError
 TOOLS: dict[str, str] = {
     "synth": "medrpn.synth",
     "check-data": "medrpn.check_data",
+    "plan": "medrpn.plan",
     "predict": "medrpn.predict",
     "evaluate": "medrpn.evaluate",
     "compare": "medrpn.compare",

@@ -17,7 +17,7 @@ import pickle
 import signal
 from pathlib import Path
 
-from jsonargparse import lazy_instance
+from jsonargparse import Namespace, lazy_instance
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -27,7 +27,7 @@ from medrpn.data.datamodule import LesionDataModule
 from medrpn.errors import MedrpnError
 from medrpn.tracking import MLflowConfigLogger, describe_run, mlflow_logger
 from medrpn.tracking_outbox import MLflowLogger
-from medrpn.training import LesionDetectionModule
+from medrpn.training import AUTO, LesionDetectionModule
 
 
 class MedrpnCLI(LightningCLI):
@@ -49,6 +49,25 @@ class MedrpnCLI(LightningCLI):
                 ],
                 "trainer.default_root_dir": "runs",
             }
+        )
+
+    def before_instantiate_classes(self) -> None:
+        """`model.anchors: auto` becomes the anchors planned from the training boxes (`medrpn plan`),
+        so the run's config, its MLflow parameters and its checkpoints hold the chosen ones."""
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        trainer = config.trainer
+        if trainer.sync_batchnorm and (trainer.accelerator == "cpu" or (trainer.accelerator == "auto" and not _has_gpu())):
+            raise MedrpnError("trainer.sync_batchnorm needs GPUs (torch's SyncBatchNorm has no CPU version): leave it off on CPU")
+        if config.model.anchors != AUTO:
+            return
+        from medrpn.plan import plan_for_config
+
+        plan = plan_for_config(config.as_dict(), anchors_per_position=config.model.anchors_per_position)
+        config.model.anchors = Namespace(sizes=plan.anchors.sizes, aspect_ratios=plan.anchors.aspect_ratios)
+        print(
+            f"medrpn: anchors planned from the training boxes: sizes {plan.anchors.sizes}, aspect ratios "
+            f"{plan.anchors.aspect_ratios}; coverage {plan.coverage:.1%} at IoU 0.5, {plan.anchors_per_image} anchors/image",
+            flush=True,
         )
 
     def before_fit(self) -> None:
@@ -98,6 +117,12 @@ def _print_fit_summary(trainer, best: str | None, test_metrics: dict[str, float]
 
 
 _PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "NCCL communicator was aborted", "Timed out")
+
+
+def _has_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _lost_peer(error: RuntimeError) -> bool:

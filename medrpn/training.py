@@ -19,7 +19,7 @@ import tempfile
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -40,19 +40,26 @@ from medrpn.model import (
 )
 from medrpn.tracking import mlflow_logger
 
+AUTO = "auto"  # model.anchors value: planned from the data by the command
+
 # Epoch figures are gathered by the metric itself and equal on every rank, so Lightning's advice
 # to sync them again (one warning per figure per epoch under DDP) does not apply.
 warnings.filterwarnings("ignore", message=r".*when logging on epoch level in distributed setting.*")
 
 # Settings that decide the shape or meaning of the weights: a checkpoint only fits a model with
 # the same ones (thresholds, NMS and the optimiser may differ).
-_MODEL_SHAPE_KEYS = ("class_names", "backbone", "anchors", "roi", "pixel_mean", "pixel_std")
-_ROI_SHAPE_FIELDS = ("output_size", "sampling_ratio", "representation_size")
+_MODEL_SHAPE_KEYS = ("class_names", "backbone", "anchors", "rpn", "roi", "pixel_mean", "pixel_std")
+_SHAPE_FIELDS = {
+    "rpn": ("objectness", "conv_depth"),
+    "roi": ("output_size", "sampling_ratio", "representation_size"),
+}
 
 
 def _shape_part(key: str, value: Any) -> Any:
-    if key == "roi" and isinstance(value, dict):
-        return {k: value.get(k) for k in _ROI_SHAPE_FIELDS}
+    if key in _SHAPE_FIELDS and isinstance(value, dict):
+        # fields a checkpoint predates have their default, which is the only shape it can have had
+        defaults = {"objectness": "sigmoid", "conv_depth": 1}
+        return {k: value.get(k, defaults.get(k)) for k in _SHAPE_FIELDS[key]}
     return value
 
 
@@ -84,7 +91,9 @@ class LesionDetectionModule(L.LightningModule):
 
     Args:
         class_names: lesion classes in label order (linked from the data module by the CLI).
-        backbone, anchors, rpn, roi: detector settings (see `medrpn.model`).
+        backbone, anchors, rpn, roi: detector settings (see `medrpn.model`). `anchors: auto` in a
+            config has the `medrpn` command plan them from the training boxes (`medrpn plan`).
+        anchors_per_position: the planner's budget of anchors per feature-map position (auto only).
         pixel_mean / pixel_std: input standardisation, applied by the detector.
         cross_class_nms_thresh: one box per lesion across classes (see `DetectorConfig`).
         optim: optimiser and learning-rate schedule.
@@ -99,7 +108,8 @@ class LesionDetectionModule(L.LightningModule):
         self,
         class_names: list[str],
         backbone: BackboneConfig = BackboneConfig(),
-        anchors: AnchorConfig = AnchorConfig(),
+        anchors: AnchorConfig | Literal["auto"] = AnchorConfig(),
+        anchors_per_position: int = 3,
         rpn: RPNConfig = RPNConfig(),
         roi: RoIConfig = RoIConfig(),
         pixel_mean: float = 0.5,
@@ -112,6 +122,11 @@ class LesionDetectionModule(L.LightningModule):
         bootstrap_samples: int = 1000,
     ) -> None:
         super().__init__()
+        if anchors == AUTO:
+            raise ConfigError(
+                "anchors: 'auto' is planned from the training boxes by the medrpn command; in Python, "
+                "plan them with medrpn.plan.plan_for_config(config) and pass the AnchorConfig it gives"
+            )
         self.class_names = list(class_names)
         self.detector_config = DetectorConfig(
             num_classes=len(self.class_names),
@@ -130,6 +145,7 @@ class LesionDetectionModule(L.LightningModule):
                 "class_names": self.class_names,
                 "backbone": asdict(config.backbone),
                 "anchors": asdict(config.anchors),
+                "anchors_per_position": anchors_per_position,
                 "rpn": asdict(config.rpn),
                 "roi": asdict(config.roi),
                 "pixel_mean": pixel_mean,

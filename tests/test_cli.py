@@ -151,3 +151,12 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path):
     assert result.returncode == 2
     assert "nope.ckpt: checkpoint not found" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_sync_batchnorm_on_cpu_is_a_clear_error(tmp_path):
+    result = _medrpn(
+        "fit", "--config", str(REPO / "configs" / "demo.yaml"), "--trainer.accelerator", "cpu",
+        "--trainer.sync_batchnorm", "true", cwd=tmp_path,
+    )
+    assert result.returncode == 2
+    assert "trainer.sync_batchnorm needs GPUs" in result.stderr and "Traceback" not in result.stderr

@@ -62,6 +62,7 @@ def _fit(work: Path) -> TrainedRun:
         "--config", str(config),
         "--model.backbone.fpn_channels", "32",
         "--model.bootstrap_samples", "200",
+        "--model.anchors", "auto",  # planned from the training boxes (checked in test_anchor_planning)
         "--trainer.max_epochs", "1",
         "--trainer.limit_train_batches", "2",
         "--trainer.logger.init_args.run_name", RUN_NAME,

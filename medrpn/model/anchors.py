@@ -2,8 +2,9 @@
 
 Each pyramid level gets its own sizes (small anchors on the fine, high-resolution levels, large
 ones on the coarse levels); every size is combined with every aspect ratio, so a level with
-S sizes and R ratios has S x R anchors per position. Generation itself is torchvision's
-`AnchorGenerator`.
+S sizes and R ratios has S x R anchors per position. A level given no sizes (`[]`) carries no
+anchors: the RPN does not look at it (the RoI heads still pool from it), which saves the cost of
+scoring a level whose scale matches no lesion. Generation itself is torchvision's `AnchorGenerator`.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ class AnchorConfig:
     Attributes:
         sizes: one list of anchor sizes (square-root of the area, in input pixels) per pyramid
             level, finest level first. Its length must equal the number of levels the backbone
-            gives (returned stages + 1 pooled level).
+            gives (returned stages + 1 pooled level). An empty list means "no anchors on this level".
         aspect_ratios: height / width ratios used at every level.
     """
 
@@ -31,21 +32,45 @@ class AnchorConfig:
 
     @property
     def anchors_per_position(self) -> list[int]:
-        """Number of anchors at each position, per level (sizes x ratios)."""
+        """Number of anchors at each position, per level (sizes x ratios; 0 on a level without anchors)."""
         return [len(level) * len(self.aspect_ratios) for level in self.sizes]
 
+    @property
+    def levels(self) -> list[int]:
+        """Indices of the pyramid levels that carry anchors."""
+        return [i for i, level in enumerate(self.sizes) if level]
 
-def build_anchor_generator(config: AnchorConfig, num_levels: int) -> AnchorGenerator:
-    """Builds torchvision's generator for a backbone with `num_levels` pyramid levels."""
+
+class LevelAnchorGenerator(AnchorGenerator):
+    """torchvision's `AnchorGenerator` over the carrying levels only, remembering which they are.
+
+    Args:
+        sizes, aspect_ratios: as for `AnchorGenerator`, one entry per carrying level.
+        levels: pyramid index of each carrying level; the caller passes only those feature maps.
+    """
+
+    def __init__(
+        self, sizes: tuple[tuple[float, ...], ...], aspect_ratios: tuple[tuple[float, ...], ...], levels: list[int]
+    ) -> None:
+        super().__init__(sizes=sizes, aspect_ratios=aspect_ratios)
+        self.levels = list(levels)
+
+
+def build_anchor_generator(config: AnchorConfig, num_levels: int) -> LevelAnchorGenerator:
+    """Builds the generator for a backbone with `num_levels` pyramid levels.
+
+    The generator knows only the levels that carry anchors (`generator.levels`); feed it those
+    feature maps, in order.
+    """
     if len(config.sizes) != num_levels:
         raise ConfigError(
             f"anchors.sizes has {len(config.sizes)} levels but the backbone gives {num_levels} "
-            "(returned stages + 1 pooled level): give one list of sizes per level"
+            "(returned stages + 1 pooled level): give one list of sizes per level ([] for none)"
         )
-    if any(not level for level in config.sizes) or not config.aspect_ratios:
-        raise ConfigError("anchors: every level needs at least one size, and at least one aspect ratio is needed")
+    if not config.levels or not config.aspect_ratios:
+        raise ConfigError("anchors: at least one level needs a size, and at least one aspect ratio is needed")
     if any(s <= 0 for level in config.sizes for s in level) or any(r <= 0 for r in config.aspect_ratios):
         raise ConfigError("anchors: sizes and aspect ratios must be positive")
-    sizes = tuple(tuple(float(s) for s in level) for level in config.sizes)
-    ratios = tuple(tuple(float(r) for r in config.aspect_ratios) for _ in config.sizes)
-    return AnchorGenerator(sizes=sizes, aspect_ratios=ratios)
+    sizes = tuple(tuple(float(s) for s in config.sizes[i]) for i in config.levels)
+    ratios = tuple(tuple(float(r) for r in config.aspect_ratios) for _ in sizes)
+    return LevelAnchorGenerator(sizes, ratios, config.levels)

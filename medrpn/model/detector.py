@@ -10,7 +10,8 @@ Conventions at this boundary (the batch contract of `medrpn.data.batch`):
 - targets: per image {"boxes": (N, 4) float absolute pixel xyxy, "labels": (N,) int64 lesion
   class index, 0-based}. N may be 0 (an image without lesions).
 - detections: per image {"boxes", "scores", "labels"} with the same conventions.
-- proposals: per image (P, 4) boxes, best objectness first.
+- proposals: per image (P, 4) boxes, best objectness first, with their objectness probabilities
+  (`proposal_scores`, per image (P,)).
 Internally torchvision reserves label 0 for background, so labels are shifted by one on the way in
 and out; nothing outside this file sees that.
 """
@@ -54,11 +55,13 @@ class DetectorConfig:
 
 @dataclass
 class DetectorOutput:
-    """What one forward pass gives: losses when training, detections and proposals otherwise."""
+    """What one forward pass gives: losses when training, detections and proposals (with their
+    objectness probabilities) otherwise."""
 
     losses: dict[str, Tensor] = field(default_factory=dict)
     detections: list[dict[str, Tensor]] = field(default_factory=list)
     proposals: list[Tensor] = field(default_factory=list)
+    proposal_scores: list[Tensor] = field(default_factory=list)
 
 
 class LesionDetector(nn.Module):
@@ -67,7 +70,7 @@ class LesionDetector(nn.Module):
     Args:
         backbone: module mapping images to an ordered dict of pyramid features, with an
             `out_channels` attribute.
-        rpn: torchvision `RegionProposalNetwork` (or compatible).
+        rpn: `medrpn.model.rpn.LesionRPN` (torchvision's RPN that also returns proposal scores).
         roi_heads: torchvision `RoIHeads` (or compatible).
         pixel_mean, pixel_std: input standardisation.
         cross_class_nms_thresh: see `DetectorConfig`.
@@ -107,11 +110,13 @@ class LesionDetector(nn.Module):
         if targets is not None:
             internal_targets = [{"boxes": t["boxes"], "labels": t["labels"] + 1} for t in targets]
         features = self.backbone(image_list.tensors)
-        proposals, rpn_losses = self.rpn(image_list, features, internal_targets)
+        proposals, proposal_scores, rpn_losses = self.rpn(image_list, features, internal_targets)
         detections, roi_losses = self.roi_heads(features, proposals, image_list.image_sizes, internal_targets)
         if self.training:
             return DetectorOutput(losses={**rpn_losses, **roi_losses})
-        return DetectorOutput(detections=[self._finish(d) for d in detections], proposals=proposals)
+        return DetectorOutput(
+            detections=[self._finish(d) for d in detections], proposals=proposals, proposal_scores=proposal_scores
+        )
 
     def _finish(self, detection: dict[str, Tensor]) -> dict[str, Tensor]:
         boxes, scores, labels = detection["boxes"], detection["scores"], detection["labels"] - 1

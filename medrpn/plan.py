@@ -1,0 +1,180 @@
+"""`medrpn plan --config CFG`: anchors planned from the training boxes, before and after.
+
+Reads a training config the way `medrpn check-data` does, takes the boxes of the TRAINING split
+only (the split `medrpn fit` will use; validation and test boxes must not shape the model), fits
+them to `data.image_size` as training does, and runs `medrpn.model.anchor_planning.plan_anchors`.
+It prints the anchor coverage (share of boxes with an anchor at IoU >= 0.5), the mean best IoU
+and the anchors per image of the config's anchors, of torchvision's default anchors and of the
+plan, overall and per class; `--output NEW.yaml` writes a copy of the config with `model.anchors`
+replaced by the plan. `plan_for_config` does the same for an already parsed config (`anchors: auto`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from medrpn.check_data import config_sections, read_config
+from medrpn.data.datamodule import LesionDataModule
+from medrpn.data.transforms import fit_scale
+from medrpn.errors import ConfigError, DataError
+from medrpn.model.anchor_planning import COVERAGE_IOU, AnchorPlan, AnchorScore, plan_anchors
+from medrpn.model.anchors import AnchorConfig
+
+AUTO = "auto"
+
+
+@dataclass
+class TrainingBoxes:
+    """The training split's boxes in network-input pixels.
+
+    Attributes:
+        boxes: (N, 4) xyxy, scaled as training scales its images to `image_size`.
+        labels: (N,) 0-based class of each box.
+        class_names: names of the classes, in label order.
+        image_size: the network input side.
+    """
+
+    boxes: np.ndarray
+    labels: np.ndarray
+    class_names: list[str]
+    image_size: int
+
+
+def training_boxes(data: dict[str, Any]) -> TrainingBoxes:
+    """The boxes of the training split of the data module that `data` (the config's `data` arguments) builds.
+
+    Images are only probed for their size (cache mode "none"): planning needs no pixels. Images
+    that cannot be read and boxes with a problem leave the split, as in training.
+    """
+    data = {**data, "cache": {"mode": "none"}}
+    data.pop("on_error", None)
+    quiet = logging.getLogger("medrpn.data")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # problems are `medrpn check-data`'s report; planning uses what is left
+    try:
+        dm = LesionDataModule(**data, on_error="skip")
+        dm.check_images(keep=False)
+    finally:
+        quiet.setLevel(level)
+    train = dm.splits["train"]
+    boxes = [r.boxes * fit_scale(*dm.images.sizes[r.key], dm.image_size) for r in train]
+    labels = [r.labels for r in train]
+    return TrainingBoxes(
+        np.concatenate(boxes) if boxes else np.zeros((0, 4), np.float32),
+        np.concatenate(labels) if labels else np.zeros(0, np.int64),
+        list(dm.class_names),
+        dm.image_size,
+    )
+
+
+def _model_section(config: dict[str, Any]) -> dict[str, Any]:
+    """The model arguments of a config (inside `init_args` when the model is given by `class_path`), created if absent."""
+    model = config.setdefault("model", {}) or {}
+    config["model"] = model
+    return model.setdefault("init_args", {}) if "class_path" in model else model
+
+
+def plan_for_config(config: dict[str, Any], anchors_per_position: int = 3, source: str | Path = "config") -> AnchorPlan:
+    """Plans anchors for a parsed training config (what `anchors: auto` runs).
+
+    Args:
+        config: the parsed YAML. `model.anchors` may be `auto` (then nothing is compared as
+            "before"), a mapping of sizes and aspect ratios, or absent (the model's default anchors).
+        anchors_per_position: the budget of sizes x ratios per position.
+        source: the config's name in errors.
+    """
+    return _plan(config, anchors_per_position, source)[0]
+
+
+def _plan(config: Any, anchors_per_position: int, source: str | Path) -> tuple[AnchorPlan, TrainingBoxes]:
+    """`plan_for_config`, with the training boxes it planned from (for the per-class report)."""
+    config = copy.deepcopy(config)
+    model = _model_section(config) if isinstance(config, dict) else {}
+    auto = model.get("anchors") == AUTO
+    if auto:
+        del model["anchors"]
+    elif model.get("anchors") is not None and not isinstance(model["anchors"], dict):
+        raise ConfigError(f"{source}: model.anchors must be '{AUTO}' or a mapping of sizes and aspect_ratios")
+    data, setup = config_sections(config, source)
+    found = training_boxes(data)
+    if len(found.boxes) == 0:
+        raise DataError(data.get("annotations", source), "no box in the training split: nothing to plan anchors from")
+    baseline = None if auto else setup.anchors
+    plan = plan_anchors(found.boxes, setup.returned_stages, found.image_size, anchors_per_position, baseline)
+    return plan, found
+
+
+def with_anchors(config: dict[str, Any], anchors: AnchorConfig) -> dict[str, Any]:
+    """A copy of `config` with `model.anchors` replaced by `anchors`."""
+    config = copy.deepcopy(config)
+    _model_section(config)["anchors"] = asdict(anchors)
+    return config
+
+
+def _describe(anchors: AnchorConfig) -> str:
+    sizes = "[" + ", ".join("[" + ", ".join(f"{s:g}" for s in level) + "]" for level in anchors.sizes) + "]"
+    return f"sizes {sizes}; ratios {[float(f'{r:g}') for r in anchors.aspect_ratios]}"
+
+
+def _line(name: str, score: AnchorScore, found: TrainingBoxes) -> str:
+    covered = score.best_iou >= COVERAGE_IOU
+    per_class = ", ".join(
+        f"{cls} {covered[found.labels == i].mean():.1%}" for i, cls in enumerate(found.class_names) if np.any(found.labels == i)
+    )
+    return (
+        f"{name:<13} coverage {score.coverage:.1%}, mean IoU {score.mean_iou:.3f}, {score.anchors_per_image} anchors/image "
+        f"({_describe(score.anchors)}); per class: {per_class}"
+    )
+
+
+def report(plan: AnchorPlan, found: TrainingBoxes, budget: int) -> list[str]:
+    """The lines `medrpn plan` prints."""
+    lines = [
+        f"boxes         {len(found.boxes)} in the training split, at image_size {found.image_size}; "
+        f"levels of stride {', '.join(map(str, plan.strides))}; coverage = share of boxes with an anchor at IoU >= {COVERAGE_IOU}",
+    ]
+    if plan.before is not None:
+        lines.append(_line("before", plan.before, found))
+    lines.append(_line("torchvision", plan.torchvision, found))
+    lines.append(_line(f"planned (<={budget})", plan.planned, found))
+    return lines
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(
+        prog="medrpn plan",
+        description="Plan anchor sizes and aspect ratios from the training boxes; compare with the config's anchors.",
+    )
+    parser.add_argument("--config", required=True, type=Path, help="a training config (its data and model sections)")
+    parser.add_argument(
+        "--anchors-per-position", type=int, default=3, metavar="K", help="budget: sizes x ratios per position (default 3)"
+    )
+    parser.add_argument(
+        "--output",
+        type=Path,
+        help="write a copy of the config with model.anchors replaced by the plan (rewritten by a YAML "
+        "writer: the comments of the original are lost)",
+    )
+    args = parser.parse_args(argv)
+    if args.anchors_per_position < 1:
+        parser.error("--anchors-per-position must be at least 1")
+    config = read_config(args.config)
+    plan, found = _plan(config, args.anchors_per_position, args.config)
+    print(f"medrpn plan: {args.config}")
+    print("\n".join(report(plan, found, args.anchors_per_position)))
+    planned = yaml.safe_dump(asdict(plan.anchors), default_flow_style=True, sort_keys=False, width=1_000_000).strip()
+    print(f"plan          model.anchors: {planned}")
+    if args.output is not None:
+        try:
+            args.output.write_text(yaml.safe_dump(with_anchors(config, plan.anchors), sort_keys=False, default_flow_style=None))
+        except OSError as e:
+            raise ConfigError(f"{args.output}: cannot write the planned config ({e.strerror})") from None
+        print(f"wrote         {args.output} (the config with model.anchors planned; its comments are not kept)")
