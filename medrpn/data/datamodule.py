@@ -29,7 +29,7 @@ from medrpn.data.fusion import FusionConfig
 from medrpn.data.io import ReadConfig
 from medrpn.data.problems import Problems
 from medrpn.data.records import Record
-from medrpn.data.splits import SPLITS, SplitConfig, group_keys, kfold_by_patient, split_by_patient
+from medrpn.data.splits import SPLITS, SplitConfig, group_keys, kfold_by_patient, read_split_file, split_by_patient
 from medrpn.data.transforms import AugmentConfig, build_transform
 from medrpn.errors import DataError
 
@@ -60,7 +60,8 @@ class LesionDataModule(L.LightningDataModule):
         image_dir: image folder for formats that name images by id (vindr, rsna, nih).
         fusion: how VinDr-CXR's readers are fused (`medrpn.data.fusion`).
         read: how image files become arrays: window, channels, NIfTI axis, default spacing.
-        split: patient grouping rule, stratification and k-fold settings.
+        split: patient grouping rule, stratification and k-fold settings, or a split file
+            that fixes the split (`medrpn.data.splits`).
         cache: where decoded images are kept ("memory", "disk" or "none").
         on_error: "skip" (leave bad images out, with a written report) or "fail" (stop at the first).
     """
@@ -125,6 +126,8 @@ class LesionDataModule(L.LightningDataModule):
 
     def _split(self, records: list[Record]) -> dict[str, list[Record]]:
         hp = self.hparams
+        if self.split.file is not None:
+            return read_split_file(self.split.file, records, self.problems.images)
         groups = [self.groups[r.key] for r in records]
         stratify = self.split.stratify
         if self.split.num_folds is None:

@@ -15,14 +15,22 @@ Whole groups are then assigned to splits, stratum by stratum: a group's stratum 
 class among its boxes ("no box" for groups without lesions), so every class is spread over the
 splits in about the requested proportions. The assignment is greedy and seeded: each group goes
 to the split furthest behind its share within the stratum (ties: furthest behind overall).
+
+A split file (`SplitConfig.file`) replaces all of this with a fixed split, for a split made
+elsewhere (a challenge's official one, a benchmark's) or one to keep across runs and machines:
+JSON ``{"train": [image paths], "val": [...], "test": [...]}``, paths relative to the file's
+folder or absolute; ``path#N`` names frame/slice N of a multi-frame file, a bare path all of
+its frames. Every annotated image must be in exactly one split: `write_split_file` writes one.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import random
 import re
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,18 +53,23 @@ class SplitConfig:
         num_folds: when set, k-fold cross-validation: the test split is held out first, the
             rest is cut into this many folds, and fold `fold` is the validation split.
         fold: which fold validates (0-based).
+        file: a split file (see the module docstring) that fixes the split; the fractions,
+            seed, grouping and folds are then not used.
     """
 
     group_blocks: int | None = None
     stratify: bool = True
     num_folds: int | None = None
     fold: int = 0
+    file: str | None = None
 
     def __post_init__(self) -> None:
         if self.group_blocks is not None and self.group_blocks < 1:
             raise ConfigError(f"data.split.group_blocks must be >= 1, got {self.group_blocks}")
         if self.num_folds is not None and (self.num_folds < 2 or not 0 <= self.fold < self.num_folds):
             raise ConfigError(f"data.split: need num_folds >= 2 and 0 <= fold < num_folds, got {self.num_folds}, {self.fold}")
+        if self.file is not None and self.num_folds is not None:
+            raise ConfigError(f"data.split: a split file ({self.file}) fixes the split; it cannot be combined with num_folds")
 
 
 def group_keys(records: Sequence[Record], group_blocks: int | None = None, read_dicom: bool = True) -> list[str]:
@@ -148,3 +161,113 @@ def _assign(records, shares: dict, seed: int, groups, stratify: bool) -> dict:
             local[name] += n
             total[name] += n
     return parts
+
+
+_FRAME = re.compile(r"^(.*)#(\d+)$")
+_EXAMPLES = 3
+
+
+def write_split_file(path: str | Path, splits: Mapping[str, Sequence[Record | str | Path]]) -> Path:
+    """Write a split file that `read_split_file` (and `SplitConfig.file`) reads back.
+
+    Args:
+        path: the JSON file to write (its folder is created).
+        splits: split name ("train", "val", "test") -> the records or image paths in it. Paths
+            are written relative to the file's folder (absolute where no relative path exists).
+
+    Returns:
+        The path written.
+    """
+    path = Path(path)
+    unknown = set(splits) - set(SPLITS)
+    if unknown:
+        raise ConfigError(f"split file {path}: unknown split name(s) {sorted(unknown)}; use {', '.join(SPLITS)}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    folder = path.parent.resolve()
+
+    def entry(item: Record | str | Path) -> str:
+        image = Path(item.image_path if isinstance(item, Record) else item).resolve()
+        try:
+            name = Path(os.path.relpath(image, folder)).as_posix()
+        except ValueError:  # another drive (Windows): no relative path
+            name = image.as_posix()
+        frame = item.frame if isinstance(item, Record) else None
+        return name if frame is None else f"{name}#{frame}"
+
+    data = {name: [entry(item) for item in splits.get(name, [])] for name in SPLITS}
+    path.write_text(json.dumps(data, indent=1) + "\n")
+    return path
+
+
+def read_split_file(
+    path: str | Path, records: Sequence[Record], skipped: set[str] | frozenset[str] = frozenset()
+) -> dict[str, list[Record]]:
+    """The split a split file fixes, as lists of `records`.
+
+    Args:
+        path: the JSON split file (see the module docstring).
+        records: every annotated image.
+        skipped: keys (`Record.key`) of images already left out for a reported problem; the
+            file may name them (they are left out silently).
+
+    Raises:
+        ConfigError (naming the file and a few examples) if the file cannot be read, names an
+        image twice, names images that are not in the annotations, or leaves annotated images
+        out of every split.
+    """
+    path = Path(path)
+    where = f"data.split.file {path}"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{where}: file not found") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ConfigError(f"{where}: not a readable JSON file ({error})") from None
+    if not isinstance(data, dict) or set(data) - set(SPLITS):
+        raise ConfigError(f'{where}: expected a JSON object with only the keys {", ".join(SPLITS)} (lists of image paths)')
+    for name, entries in data.items():
+        if not isinstance(entries, list) or not all(isinstance(e, str) for e in entries):
+            raise ConfigError(f"{where}: {name!r} must be a list of image paths (strings)")
+
+    by_file: dict[Path, list[Record]] = defaultdict(list)
+    for record in records:
+        by_file[Path(record.image_path).resolve()].append(record)
+    skipped_files = {Path(_FRAME.sub(r"\1", key)).resolve() for key in skipped}
+    folder = path.parent
+    splits: dict[str, list[Record]] = {name: [] for name in SPLITS}
+    placed: dict[str, str] = {}  # record key -> split
+    twice: list[str] = []
+    unknown: list[str] = []
+    for name in SPLITS:
+        for entry in data.get(name, []):
+            file_part, frame = entry, None
+            match = _FRAME.match(entry)
+            if match and not (folder / entry).exists():
+                file_part, frame = match.group(1), int(match.group(2))
+            image = Path(file_part)
+            image = (image if image.is_absolute() else folder / image).resolve()
+            found = [r for r in by_file.get(image, []) if frame is None or r.frame == frame]
+            if not found:
+                if image not in skipped_files:
+                    unknown.append(entry)
+                continue
+            for record in found:
+                if record.key in placed:
+                    twice.append(f"{entry} ({placed[record.key]} and {name})")
+                    continue
+                placed[record.key] = name
+                splits[name].append(record)
+    if twice:
+        raise ConfigError(f"{where}: {len(twice)} image(s) in more than one split, e.g. {'; '.join(twice[:_EXAMPLES])}")
+    if unknown:
+        raise ConfigError(
+            f"{where}: {len(unknown)} entr{'y names' if len(unknown) == 1 else 'ies name'} no image of the annotations, "
+            f"e.g. {', '.join(unknown[:_EXAMPLES])} (paths are relative to the split file's folder {folder})"
+        )
+    missing = [r.key for r in records if r.key not in placed]
+    if missing:
+        raise ConfigError(
+            f"{where}: {len(missing)} annotated image(s) are in no split, e.g. {', '.join(missing[:_EXAMPLES])}; "
+            "put every image of the annotations in one split (write_split_file writes such a file)"
+        )
+    return splits
