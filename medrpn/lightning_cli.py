@@ -12,7 +12,6 @@ MLflow run the checkpoint came from.
 from __future__ import annotations
 
 import math
-import os
 import pickle
 import signal
 from pathlib import Path
@@ -24,6 +23,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from medrpn.checkpointing import ResumeCheckpoint, find_last_checkpoint, resume_run_id
 from medrpn.data.datamodule import LesionDataModule
+from medrpn.distributed import lost_peer, rank, watch_launcher
 from medrpn.errors import MedrpnError
 from medrpn.tracking import MLflowConfigLogger, describe_run, mlflow_logger
 from medrpn.tracking_outbox import MLflowLogger
@@ -116,26 +116,10 @@ def _print_fit_summary(trainer, best: str | None, test_metrics: dict[str, float]
     print("\n".join(lines), flush=True)
 
 
-_PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "NCCL communicator was aborted", "Timed out")
-
-
 def _has_gpu() -> bool:
     import torch
 
     return torch.cuda.is_available()
-
-
-def _lost_peer(error: RuntimeError) -> bool:
-    """Whether an error is a distributed collective failing because another rank is gone."""
-    import torch.distributed as dist
-
-    return isinstance(error, dist.DistError) or (dist.is_initialized() and any(m in str(error) for m in _PEER_LOST))
-
-
-def _rank() -> int:
-    import torch.distributed as dist
-
-    return dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", 0))
 
 
 def run(argv: list[str] | None) -> None:
@@ -144,6 +128,7 @@ def run(argv: list[str] | None) -> None:
     Checkpoints are loaded with `weights_only` (torch's default): one that carries pickled code
     is refused with a clear error instead of being run.
     """
+    watch_launcher()  # a rank whose launcher is killed must not wait forever for it
     try:
         MedrpnCLI(
             LesionDetectionModule,
@@ -153,10 +138,10 @@ def run(argv: list[str] | None) -> None:
             args=argv,
         )
     except RuntimeError as error:
-        if not _lost_peer(error):
+        if not lost_peer(error):
             raise
         raise MedrpnError(
-            f"a training process stopped: rank {_rank()} lost its connection to the other ranks, so one of them "
+            f"a training process stopped: rank {rank()} lost its connection to the other ranks, so one of them "
             f"died or hung (see its log above; {str(error).splitlines()[0][:200]}). All ranks were stopped; "
             "restart the same command with --ckpt_path last to go on from the last checkpoint."
         ) from None

@@ -50,7 +50,8 @@ def test_two_process_ddp_fit_makes_one_run_and_validation_matches_one_process(da
     root, common = data
     output = _medrpn(
         "fit", *common, "--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.max_epochs", "1",
-        "--trainer.limit_train_batches", "3", "--trainer.logger.init_args.run_name", "ddp-fit", cwd=root,
+        "--trainer.limit_train_batches", "3", "--trainer.logger.init_args.run_name", "ddp-fit",
+        "--data.sampler", "balanced", cwd=root,  # a weighted sampler, sharded over the ranks
     )
     assert output.count("medrpn fit finished.") == 1  # the summary comes from rank 0 only
     assert "distributed_backend=gloo" in output and "All distributed processes registered" in output

@@ -13,6 +13,7 @@ dataset skips it and goes on: an epoch never dies on data.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from medrpn.data.fusion import FusionConfig
 from medrpn.data.io import ReadConfig
 from medrpn.data.problems import Problems
 from medrpn.data.records import Record
+from medrpn.data.sampling import WeightedEpochSampler, check_sampler, sampling_weights
 from medrpn.data.splits import SPLITS, SplitConfig, group_keys, kfold_by_patient, read_split_file, split_by_patient
 from medrpn.data.transforms import AugmentConfig, build_transform
 from medrpn.errors import DataError
@@ -64,6 +66,9 @@ class LesionDataModule(L.LightningDataModule):
             that fixes the split (`medrpn.data.splits`).
         cache: where decoded images are kept ("memory", "disk" or "none").
         on_error: "skip" (leave bad images out, with a written report) or "fail" (stop at the first).
+        sampler: how an epoch draws training images: "random" (each once, shuffled), "balanced"
+            (images with and without lesions equally often) or "patient" (every patient equally
+            often); see `medrpn.data.sampling`. All of them shard over DDP ranks.
     """
 
     def __init__(
@@ -84,8 +89,11 @@ class LesionDataModule(L.LightningDataModule):
         split: SplitConfig = SplitConfig(),
         cache: CacheConfig = CacheConfig(),
         on_error: str = "skip",
+        sampler: str = "random",
     ) -> None:
         super().__init__()
+        check_sampler(sampler)
+        self.sampler = sampler
         self.augment = _as(AugmentConfig, augment)
         self.fusion = _as(FusionConfig, fusion)
         self.read = ReadConfig.parse(read)
@@ -110,6 +118,7 @@ class LesionDataModule(L.LightningDataModule):
                 "split": asdict(self.split),
                 "cache": asdict(self.cache_config),
                 "on_error": on_error,
+                "sampler": sampler,
             },
             logger=False,
         )
@@ -195,15 +204,26 @@ class LesionDataModule(L.LightningDataModule):
         return DetectionDataset(self.splits[split], build_transform(self.image_size, augment), self.image_size, self.images)
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        dataset = self.dataset(split)
+        sampler = self._weighted_sampler(dataset) if split == "train" and self.sampler != "random" else None
         return DataLoader(
-            self.dataset(split),
+            dataset,
             batch_size=self.batch_size,
-            shuffle=shuffle,
+            shuffle=shuffle and sampler is None,
+            sampler=sampler,
             num_workers=self.num_workers,
             collate_fn=collate_detection,
             persistent_workers=self.num_workers > 0,
             drop_last=False,
         )
+
+    def _weighted_sampler(self, dataset: DetectionDataset) -> WeightedEpochSampler:
+        records = self.splits["train"]
+        weights = sampling_weights(records, self.sampler, [self.groups[r.key] for r in records])
+        trainer = self.trainer
+        replicas, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        seed = int(os.environ.get("PL_GLOBAL_SEED", 0))  # seed_everything's, equal on every rank
+        return WeightedEpochSampler(dataset, weights, num_replicas=replicas, rank=rank, seed=seed)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)
