@@ -10,6 +10,7 @@ of its module, imported only when called so that they start quickly:
     medrpn plan --config CFG [--output NEW.yaml]                 anchors planned from the training boxes
     medrpn predict --ckpt CKPT --input FILE_OR_DIR --output DIR  findings, DICOM SR and GSPS for new scans
     medrpn evaluate --ckpt CKPT --config CFG [--split val|test]  the full evaluation table, into the run
+    medrpn fit-crops --ckpt CKPT --config CFG                    a second-stage crop classifier
     medrpn compare RUN [RUN ...]                                 runs side by side, FROC curves overlaid
     medrpn mlflow-sync OUTBOX                                    send what a run kept while its server was away
 """
@@ -26,6 +27,7 @@ TOOLS: dict[str, str] = {
     "synth": "medrpn.synth",
     "check-data": "medrpn.check_data",
     "plan": "medrpn.plan",
+    "fit-crops": "medrpn.second_stage.tool",
     "predict": "medrpn.predict",
     "evaluate": "medrpn.evaluate",
     "compare": "medrpn.compare",

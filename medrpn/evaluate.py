@@ -1,6 +1,7 @@
 """`medrpn evaluate`: every figure of a checkpoint on the validation or test split, printed and recorded.
 
     medrpn evaluate --ckpt demo/checkpoints/best.ckpt --config configs/demo.yaml [--split val|test]
+                    [--second-stage crops.ckpt]
 
 The checkpoint says what the model is (and its operating point); the config's `data:` section
 says where the data are (settings it leaves out come from the checkpoint's data settings), and
@@ -12,6 +13,10 @@ mAP at IoU 0.1, 0.5, 0.5:0.95; RPN proposal recall by number of proposals and le
 the FP rate and sensitivity of the checkpoint's operating point on this split. They go to the MLflow
 run the checkpoint came from (metrics `eval/<split>/...`, artifacts `evaluation/<split>/`), or to
 a new run of the experiment `medrpn-evaluate` when that run cannot be found.
+
+With ``--second-stage`` (a crop classifier from `medrpn fit-crops`) the FROC/CPM of the detector
+alone and followed by that second stage are printed one above the other, and the latter recorded
+as ``eval/<split>/second_stage/...``.
 """
 
 from __future__ import annotations
@@ -21,9 +26,10 @@ import inspect
 import logging
 import sys
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import yaml
@@ -31,8 +37,24 @@ import yaml
 from medrpn.errors import ConfigError, MedrpnError
 from medrpn.metrics.report import EvaluationReport
 
+if TYPE_CHECKING:
+    from medrpn.data.datamodule import LesionDataModule
+    from medrpn.second_stage.rescoring import SecondStage
+    from medrpn.training import LesionDetectionModule
+
 # settings of the LightningModule that change how, not what, is measured
 METRIC_SETTINGS = ("froc_hit_rule", "froc_iou_threshold", "bootstrap_samples")
+
+
+@dataclass
+class SecondStageEvaluation:
+    """The detector alone and followed by a second stage (`medrpn.second_stage`), same images."""
+
+    ckpt: Path
+    alone: EvaluationReport
+    with_stage: EvaluationReport
+    mode: str
+    candidates: str
 
 
 @dataclass
@@ -45,6 +67,7 @@ class Evaluation:
     tracking_uri: str
     stored_run: dict[str, str] | None = None
     stored_operating_point: dict[str, float] | None = None
+    second_stage: SecondStageEvaluation | None = None
 
 
 def _read_config(path: Path) -> dict[str, Any]:
@@ -89,19 +112,9 @@ def _datamodule(config: dict[str, Any], stored: dict[str, Any]):
     return LesionDataModule(**settings)
 
 
-def evaluate_checkpoint(
-    ckpt: str | Path,
-    config: str | Path,
-    split: str = "test",
-    tracking_uri: str | None = None,
-) -> Evaluation:
-    """Runs ``ckpt`` over ``split`` and computes every figure (recording is `record_evaluation`)."""
-    import lightning as L
-
-    from medrpn import runs
-
-    if split not in ("val", "test"):
-        raise ConfigError(f"--split: expected val or test, got {split!r}")
+def load_checkpoint_and_data(ckpt: str | Path, config: str | Path) -> tuple[LesionDetectionModule, LesionDataModule]:
+    """The checkpoint's `LesionDetectionModule` (eval, CPU; the config's metric settings applied)
+    and the config's `LesionDataModule` (settings it leaves out come from the checkpoint), set up."""
     ckpt, config_path = Path(ckpt), Path(config)
     config = _read_config(config_path)
     model_settings = _section(config, "model")
@@ -109,6 +122,31 @@ def evaluate_checkpoint(
     stored = torch.load(ckpt, map_location="cpu", weights_only=True).get("datamodule_hyper_parameters", {})
     datamodule = _datamodule(config, {k: v for k, v in stored.items() if not k.startswith("_")})
     datamodule.setup("test")
+    return module, datamodule
+
+
+def evaluate_checkpoint(
+    ckpt: str | Path,
+    config: str | Path,
+    split: str = "test",
+    tracking_uri: str | None = None,
+    second_stage: str | Path | None = None,
+) -> Evaluation:
+    """Runs ``ckpt`` over ``split`` and computes every figure (recording is `record_evaluation`);
+    with ``second_stage`` (a `medrpn fit-crops` checkpoint) also the detector followed by it."""
+    import lightning as L
+
+    from medrpn import runs
+
+    if split not in ("val", "test"):
+        raise ConfigError(f"--split: expected val or test, got {split!r}")
+    ckpt = Path(ckpt)
+    stage = None
+    if second_stage is not None:  # a wrong file fails before the detector runs
+        from medrpn.second_stage.rescoring import load_second_stage
+
+        stage = load_second_stage(second_stage)
+    module, datamodule = load_checkpoint_and_data(ckpt, config)
     if not datamodule.splits[split]:
         raise ConfigError(f"data: the {split} split is empty (see data.val_fraction / data.test_fraction)")
     loader = datamodule.val_dataloader() if split == "val" else datamodule.test_dataloader()
@@ -125,7 +163,28 @@ def evaluate_checkpoint(
     uri = runs.absolute_tracking_uri(
         tracking_uri or (module.mlflow_run or {}).get("tracking_uri") or runs.DEFAULT_TRACKING_URI
     )
-    return Evaluation(ckpt, split, report, uri, module.mlflow_run, module.operating_point)
+    evaluation = Evaluation(ckpt, split, report, uri, module.mlflow_run, module.operating_point)
+    if stage is not None:
+        evaluation.second_stage = _with_second_stage(module, stage, Path(second_stage), loader)
+    return evaluation
+
+
+def _with_second_stage(
+    module: LesionDetectionModule, stage: SecondStage, path: Path, loader: Iterable[dict[str, Any]]
+) -> SecondStageEvaluation:
+    """The detector alone and followed by the second stage, in one more pass over the split."""
+    from medrpn.second_stage.evaluation import compare_second_stage
+    from medrpn.second_stage.rescoring import check_classes
+
+    check_classes(stage, module.class_names, path)
+    metric_args = {
+        "class_names": module.class_names,
+        "froc_hit_rule": module.hparams.froc_hit_rule,
+        "froc_iou_threshold": module.hparams.froc_iou_threshold,
+    }
+    detector = module.model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
+    alone, with_stage = compare_second_stage(detector, stage, loader, metric_args)
+    return SecondStageEvaluation(path, alone, with_stage, stage.settings.mode, stage.settings.candidates)
 
 
 def record_evaluation(evaluation: Evaluation) -> tuple[str, bool]:
@@ -146,6 +205,8 @@ def record_evaluation(evaluation: Evaluation) -> tuple[str, bool]:
         if new:
             run_id = runs.new_run(client, "medrpn-evaluate", f"evaluate {ckpt.name}", {"medrpn.checkpoint": str(ckpt.resolve())})
         runs.log_report_metrics(client, run_id, evaluation.report, f"eval/{split}")
+        if evaluation.second_stage is not None:
+            runs.log_report_metrics(client, run_id, evaluation.second_stage.with_stage, f"eval/{split}/second_stage")
         runs.log_report_artifacts(client, run_id, evaluation.report, f"evaluation/{split}")
         client.set_tag(run_id, f"medrpn.evaluated.{split}", str(ckpt.resolve()))
         if new:
@@ -168,9 +229,13 @@ def main(argv: list[str]) -> None:
         "--tracking-uri", default=None,
         help="MLflow store (default: the one the checkpoint's run lives in, else sqlite:///mlruns.db)",
     )
+    parser.add_argument(
+        "--second-stage", type=Path, default=None, metavar="CKPT",
+        help="a crop classifier from `medrpn fit-crops`: also print FROC/CPM with it, beside the detector's alone",
+    )
     args = parser.parse_args(argv)
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-    result = evaluate_checkpoint(args.ckpt, args.config, args.split, args.tracking_uri)
+    result = evaluate_checkpoint(args.ckpt, args.config, args.split, args.tracking_uri, args.second_stage)
     report = result.report
     print(f"medrpn evaluate: {args.ckpt} on the {args.split} split\n")
     print(report.to_table())
@@ -183,11 +248,20 @@ def main(argv: list[str]) -> None:
             f"score >= {stored['score_threshold']:.4g}, {stored['fp_per_image']:.3f} FP/image, "
             f"sensitivity {stored['sensitivity']:.3f})"
         )
+    if result.second_stage is not None:
+        from medrpn.second_stage.evaluation import comparison_table
+
+        second = result.second_stage
+        print(
+            f"\nSecond stage {second.ckpt} ({second.mode} {second.candidates}), same {args.split} images, "
+            f"no bootstrap:\n{comparison_table(second.alone, second.with_stage)}"
+        )
     sys.stdout.flush()
     run_id, new = record_evaluation(result)
     where = "a new run" if new else "the checkpoint's run"
     print(
         f"\nRecorded in {where} {run_id} of {result.tracking_uri}: metrics eval/{args.split}/..., "
-        f"artifacts evaluation/{args.split}/ (metrics.txt, report.json, froc.png, precision_recall.png, proposal_recall.png)",
+        f"artifacts evaluation/{args.split}/ (metrics.txt, report.json, froc.png, precision_recall.png, proposal_recall.png)"
+        + (f"; with the second stage: metrics eval/{args.split}/second_stage/..." if result.second_stage else ""),
         flush=True,
     )

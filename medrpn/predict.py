@@ -13,12 +13,16 @@ The run, in order:
 3. **detect** with the model loaded once, in batches; DataLoader worker processes read and
    transform the next images while the model runs (`num_workers`). An image that cannot be
    decoded is listed with the reason; the run goes on.
-4. **write** per study (`medrpn.outputs.study`): overlay PNGs, DICOM SR, GSPS, findings JSON.
+4. **write** per study (`medrpn.outputs.study`): overlay PNGs, DICOM SR, GSPS, findings JSON;
+   with ``proposals``, also every RPN proposal in ``proposals.json`` (`medrpn.outputs.proposals`),
+   for a second stage of the user's own.
 
 The checkpoint carries everything needed (classes, detector settings, input size, how images were
 read in training), so no training config is required. The score threshold is, in order: the one
 given, the checkpoint's ``operating_point["score_threshold"]`` (chosen on validation data), or
-0.5; the findings JSON, SR and GSPS say which. Nothing printed names a patient: messages carry
+0.5; the findings JSON, SR and GSPS say which. With a second stage (``--second-stage``, a crop
+classifier from ``medrpn fit-crops``) the detections are re-scored / re-labelled by it, and its own
+operating point (picked on validation data for the re-scored output) replaces the detector's. Nothing printed names a patient: messages carry
 file paths and reasons only.
 """
 
@@ -44,8 +48,10 @@ from medrpn.data.transforms import build_transform, fit_scale
 from medrpn.errors import ConfigError, DataError, MedrpnError
 from medrpn.outputs import ImageFindings, ModelInfo, make_findings
 from medrpn.outputs.overlay import to_display_uint8
+from medrpn.outputs.proposals import PROPOSALS_NAME, image_proposals, write_proposals
 from medrpn.outputs.study import StudyOutputs, existing_outputs
 from medrpn.scan import InputGroup, InputItem, Scan, scan_inputs
+from medrpn.second_stage.rescoring import SecondStage, check_classes, load_second_stage
 from medrpn.training import LesionDetectionModule
 
 DEFAULT_SCORE_THRESHOLD = 0.5
@@ -206,6 +212,8 @@ def predict_files(
     batch_size: int = 8,
     num_workers: int | None = None,
     overwrite: bool = False,
+    proposals: bool = False,
+    second_stage: str | Path | None = None,
 ) -> PredictReport:
     """Find lesions in every image under ``inputs``; write per study into ``output``.
 
@@ -219,6 +227,8 @@ def predict_files(
         batch_size: images per forward pass.
         num_workers: reader processes (0 reads in this process); None: `default_num_workers`.
         overwrite: replace existing outputs (else studies with outputs are left alone).
+        proposals: also write every RPN proposal (no threshold) to ``proposals.json`` per folder.
+        second_stage: a ``medrpn fit-crops`` checkpoint re-scoring / re-labelling the detections.
 
     Returns:
         A `PredictReport`.
@@ -229,6 +239,7 @@ def predict_files(
     if inputs.is_dir() and output.resolve() == inputs.resolve():
         raise MedrpnError(f"{output}: the output folder must not be the input folder")
     module, model, image_size, read_config = _load(ckpt, score_threshold)
+    stage = None if second_stage is None else _load_second_stage(Path(second_stage), module, model, score_threshold)
 
     scan = scan_inputs(inputs, exclude=output, axis=read_config.axis)
     report = PredictReport(
@@ -241,7 +252,7 @@ def predict_files(
         print(f"note: {path}: {note}", flush=True)
     studies = _plan(scan, output, model, overwrite, report)
     workers = default_num_workers() if num_workers is None else int(num_workers)
-    _detect_and_write(module, studies, model, image_size, read_config, batch_size, workers, report)
+    _detect_and_write(module, studies, model, image_size, read_config, batch_size, workers, report, proposals=proposals, second_stage=stage)
 
     print(
         f"medrpn predict: {report.images} images in {len(report.studies)} output folders, {report.findings} findings "
@@ -272,6 +283,19 @@ def _load(ckpt: Path, score_threshold: float | None) -> tuple[LesionDetectionMod
     return module, model, int(data_settings.get("image_size", 256)), ReadConfig.parse(data_settings.get("read"))
 
 
+def _load_second_stage(
+    path: Path, module: LesionDetectionModule, model: ModelInfo, score_threshold: float | None
+) -> SecondStage:
+    """The second stage on the detector's device. Its scores are not the detector's, so its own
+    operating point replaces the detector's as the default threshold (``model`` is updated)."""
+    stage = load_second_stage(path)
+    check_classes(stage, model.class_names, path)
+    threshold, source, point = resolve_threshold({"operating_point": stage.operating_point}, score_threshold)
+    model.score_threshold, model.operating_point = threshold, point
+    model.threshold_source = "second-stage operating point" if source == "checkpoint operating point" else source
+    return stage.to(next(module.parameters()).device)
+
+
 def _plan(
     scan: Scan, output: Path, model: ModelInfo, overwrite: bool, report: PredictReport
 ) -> list[tuple[InputGroup, StudyOutputs]]:
@@ -299,12 +323,15 @@ def _detect_and_write(
     batch_size: int,
     workers: int,
     report: PredictReport,
+    proposals: bool = False,
+    second_stage: SecondStage | None = None,
 ) -> None:
     """Read (in ``workers`` processes), detect in batches, and write, study after study.
 
     Images come in study order, so a study's SR/GSPS/JSON are written once its last image is
     done. Writing runs in one thread beside the model (in submission order: an image's overlay
-    before its study's SR); the model releases the GIL while it computes.
+    before its study's SR); the model releases the GIL while it computes. With ``proposals``, a
+    study's proposals.json is written just before its findings.json.
     """
     items = [(g, item) for g, (group, _) in enumerate(studies) for item in group.items]
     if not items:
@@ -321,6 +348,8 @@ def _detect_and_write(
     )
     writes: deque[Future] = deque()
     finished: list[Future] = []
+    collected = {g: [] for g in range(len(studies))} if proposals else None  # ImageProposals per study
+    proposal_files: list[Future] = []
 
     def submit(function: Any, *args: Any) -> Future:
         while len(writes) > 4 * batch_size:  # the writer is behind: wait rather than pile up images
@@ -336,7 +365,12 @@ def _detect_and_write(
             detections = []
             if ok:
                 batch = torch.stack([s["pixels"] for s in ok]).to(device, non_blocking=True)
-                detections = [{k: v.cpu() for k, v in d.items()} for d in module(batch).detections]
+                out = module(batch)
+                predicted = out.detections if second_stage is None else second_stage(batch, out)
+                detections = [
+                    {**{k: v.cpu() for k, v in d.items()}, "proposals": p.cpu(), "proposal_scores": ps.cpu()}
+                    for d, p, ps in zip(predicted, out.proposals, out.proposal_scores)
+                ]
             results = dict(zip((s["index"] for s in ok), detections))
             for sample in samples:
                 g, item = items[sample["index"]]
@@ -350,8 +384,19 @@ def _detect_and_write(
                     submit(writer.add, image, sample["display"].numpy(), item.header)
                     report.images += 1
                     report.findings += len(image.findings)
+                    if collected is not None:
+                        found = results[sample["index"]]
+                        scale = fit_scale(image.height, image.width, image_size)
+                        collected[g].append(
+                            image_proposals(image, found["proposals"], found["proposal_scores"], scale, image_size)
+                        )
                 remaining[g] -= 1
                 if remaining[g] == 0:
+                    if collected is not None:
+                        target = writer.folder / PROPOSALS_NAME
+                        proposal_files.append(
+                            submit(write_proposals, target, collected.pop(g), model, writer.study_instance_uid)
+                        )
                     finished.append(submit(_finish, writer))
         while writes:
             writes.popleft().result()
@@ -359,6 +404,7 @@ def _detect_and_write(
         writer = future.result()
         report.studies.append(writer.folder)
         report.written += writer.written
+    report.written += [future.result() for future in proposal_files]
 
 
 def _finish(writer: StudyOutputs) -> StudyOutputs:
@@ -424,6 +470,17 @@ def main(argv: list[str]) -> None:
         "--num-workers", type=int, default=None, help="reader processes (default: CPU cores - 1, at most 4; 0: none)"
     )
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs (default: keep them)")
+    parser.add_argument(
+        "--proposals",
+        action="store_true",
+        help="also write every RPN proposal (original pixels, mm, objectness; no threshold) to proposals.json "
+        "per output folder, for a second stage of your own",
+    )
+    parser.add_argument(
+        "--second-stage", type=Path, default=None, metavar="CKPT",
+        help="a crop classifier from `medrpn fit-crops` that re-scores / re-labels the detections "
+        "(its operating point then sets the default threshold)",
+    )
     args = parser.parse_args(argv)
     predict_files(
         args.ckpt,
@@ -433,4 +490,6 @@ def main(argv: list[str]) -> None:
         batch_size=args.batch_size,
         num_workers=args.num_workers,
         overwrite=args.overwrite,
+        proposals=args.proposals,
+        second_stage=args.second_stage,
     )

@@ -10,6 +10,10 @@ see `medrpn.metrics.report`) and picks the operating point, the score threshold 
 top-level key `operating_point` (plain floats) and the MLflow run they belong to under
 `mlflow_run`. The test epoch (the final evaluation) adds bootstrap intervals, applies the stored
 operating point, and logs the table and plots as artifacts under `evaluation/test`.
+
+RPN-only (`rpn_only: true`): the detector has no second stage, trains on the RPN losses alone,
+and is evaluated on its proposals as class-agnostic detections of one class, `RPN_ONLY_CLASS`
+(every lesion counts as that class): FROC/CPM and mAP of the candidates, and proposal recall.
 """
 
 from __future__ import annotations
@@ -48,7 +52,7 @@ warnings.filterwarnings("ignore", message=r".*when logging on epoch level in dis
 
 # Settings that decide the shape or meaning of the weights: a checkpoint only fits a model with
 # the same ones (thresholds, NMS and the optimiser may differ).
-_MODEL_SHAPE_KEYS = ("class_names", "backbone", "anchors", "rpn", "roi", "pixel_mean", "pixel_std")
+_MODEL_SHAPE_KEYS = ("class_names", "backbone", "anchors", "rpn", "roi", "pixel_mean", "pixel_std", "rpn_only")
 _SHAPE_FIELDS = {
     "rpn": ("objectness", "conv_depth"),
     "roi": ("output_size", "sampling_ratio", "representation_size"),
@@ -63,7 +67,9 @@ def _shape_part(key: str, value: Any) -> Any:
     return value
 
 
-LOSS_NAMES = ("loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg")
+RPN_LOSS_NAMES = ("loss_objectness", "loss_rpn_box_reg")
+LOSS_NAMES = (*RPN_LOSS_NAMES, "loss_classifier", "loss_box_reg")
+RPN_ONLY_CLASS = "lesion"  # the one class an RPN-only model reports (findings, metrics)
 
 
 @dataclass
@@ -96,6 +102,8 @@ class LesionDetectionModule(L.LightningModule):
         anchors_per_position: the planner's budget of anchors per feature-map position (auto only).
         pixel_mean / pixel_std: input standardisation, applied by the detector.
         cross_class_nms_thresh: one box per lesion across classes (see `DetectorConfig`).
+        rpn_only: no second stage: train the RPN alone and report its proposals as detections of
+            the one class `RPN_ONLY_CLASS` (then `class_names` is that, and `roi` is unused).
         optim: optimiser and learning-rate schedule.
         froc_hit_rule: when a detection hits a lesion in FROC: "iou" (IoU >= froc_iou_threshold,
             DeepLesion) or "center" (centre within the lesion's radius, LUNA16).
@@ -115,6 +123,7 @@ class LesionDetectionModule(L.LightningModule):
         pixel_mean: float = 0.5,
         pixel_std: float = 0.25,
         cross_class_nms_thresh: float = 0.5,
+        rpn_only: bool = False,
         optim: OptimConfig = OptimConfig(),
         froc_hit_rule: HitRule = "iou",
         froc_iou_threshold: float = 0.3,
@@ -127,7 +136,9 @@ class LesionDetectionModule(L.LightningModule):
                 "anchors: 'auto' is planned from the training boxes by the medrpn command; in Python, "
                 "plan them with medrpn.plan.plan_for_config(config) and pass the AnchorConfig it gives"
             )
-        self.class_names = list(class_names)
+        self.rpn_only = bool(rpn_only)
+        # the classes the model reports; the data's names stay in the hyperparameters
+        self.class_names = [RPN_ONLY_CLASS] if self.rpn_only else list(class_names)
         self.detector_config = DetectorConfig(
             num_classes=len(self.class_names),
             backbone=_as(BackboneConfig, backbone),
@@ -137,12 +148,14 @@ class LesionDetectionModule(L.LightningModule):
             pixel_mean=pixel_mean,
             pixel_std=pixel_std,
             cross_class_nms_thresh=cross_class_nms_thresh,
+            rpn_only=self.rpn_only,
         )
+        self.loss_names = RPN_LOSS_NAMES if self.rpn_only else LOSS_NAMES
         self.optim = _as(OptimConfig, optim)
         config = self.detector_config
         self.save_hyperparameters(
             {
-                "class_names": self.class_names,
+                "class_names": list(class_names),
                 "backbone": asdict(config.backbone),
                 "anchors": asdict(config.anchors),
                 "anchors_per_position": anchors_per_position,
@@ -151,6 +164,7 @@ class LesionDetectionModule(L.LightningModule):
                 "pixel_mean": pixel_mean,
                 "pixel_std": pixel_std,
                 "cross_class_nms_thresh": cross_class_nms_thresh,
+                "rpn_only": self.rpn_only,
                 "optim": asdict(self.optim),
                 "froc_hit_rule": froc_hit_rule,
                 "froc_iou_threshold": froc_iou_threshold,
@@ -182,7 +196,7 @@ class LesionDetectionModule(L.LightningModule):
         if len(images) == 0:  # every file of the batch was unreadable (each already reported)
             return None
         losses = self.model(images, targets).losses
-        loss = sum(losses[name] for name in LOSS_NAMES)
+        loss = sum(losses[name] for name in self.loss_names)
         batch_size = len(images)
         self.log_dict({f"train/{k}": v for k, v in losses.items()}, on_step=True, on_epoch=True, batch_size=batch_size)
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=batch_size)
@@ -199,7 +213,10 @@ class LesionDetectionModule(L.LightningModule):
             metrics.update([], [], [], [])
             return
         out = self.model(batch["images"])
-        metrics.update(out.detections, batch["targets"], out.proposals, batch.get("meta"))
+        targets = batch["targets"]
+        if self.rpn_only:  # class-agnostic: every lesion is one of the candidates' class
+            targets = [{**t, "labels": torch.zeros_like(t["labels"])} for t in targets]
+        metrics.update(out.detections, targets, out.proposals, batch.get("meta"))
 
     def on_validation_epoch_end(self) -> None:
         report = self.val_metrics.report(target_fp_per_image=self.operating_fp_per_image)

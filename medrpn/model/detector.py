@@ -3,13 +3,18 @@
     images -> backbone + FPN -> RPN (proposals: "something is here")
            -> RoI heads (class + refined box: "it is this lesion, exactly here")
 
+With `rpn_only` the second stage is not built at all: the detector is a candidate generator (the
+first step of LUNA16-style pipelines, whose users bring their own second stage), trained with the
+RPN losses alone, and its detections are its proposals, class-agnostic.
+
 Conventions at this boundary (the batch contract of `medrpn.data.batch`):
 - images: float tensor (B, C, H, W), intensities already windowed to [0, 1] by the data code;
   the detector standardises them with its own `pixel_mean`/`pixel_std` (kept in the checkpoint)
   and never resizes them.
 - targets: per image {"boxes": (N, 4) float absolute pixel xyxy, "labels": (N,) int64 lesion
   class index, 0-based}. N may be 0 (an image without lesions).
-- detections: per image {"boxes", "scores", "labels"} with the same conventions.
+- detections: per image {"boxes", "scores", "labels"} with the same conventions. RPN-only: the
+  proposals themselves, label 0 for all, score = objectness probability.
 - proposals: per image (P, 4) boxes, best objectness first, with their objectness probabilities
   (`proposal_scores`, per image (P,)).
 Internally torchvision reserves label 0 for background, so labels are shifted by one on the way in
@@ -41,6 +46,8 @@ class DetectorConfig:
         pixel_mean / pixel_std: standardisation applied to the [0, 1] input.
         cross_class_nms_thresh: after per-class NMS, detections of *different* classes that
             overlap more than this are suppressed too, so one lesion gets one box (1.0 disables).
+        rpn_only: build no second stage (`roi` and `cross_class_nms_thresh` are then unused):
+            train the RPN alone and return its proposals as class-agnostic detections.
     """
 
     num_classes: int
@@ -51,6 +58,7 @@ class DetectorConfig:
     pixel_mean: float = 0.5
     pixel_std: float = 0.25
     cross_class_nms_thresh: float = 0.5
+    rpn_only: bool = False
 
 
 @dataclass
@@ -65,13 +73,14 @@ class DetectorOutput:
 
 
 class LesionDetector(nn.Module):
-    """Backbone + RPN + RoI heads, composed from ready modules.
+    """Backbone + RPN + RoI heads (or backbone + RPN alone), composed from ready modules.
 
     Args:
         backbone: module mapping images to an ordered dict of pyramid features, with an
             `out_channels` attribute.
         rpn: `medrpn.model.rpn.LesionRPN` (torchvision's RPN that also returns proposal scores).
-        roi_heads: torchvision `RoIHeads` (or compatible).
+        roi_heads: torchvision `RoIHeads` (or compatible); None for an RPN-only detector, whose
+            detections are its proposals (label 0, score = objectness probability).
         pixel_mean, pixel_std: input standardisation.
         cross_class_nms_thresh: see `DetectorConfig`.
     """
@@ -80,7 +89,7 @@ class LesionDetector(nn.Module):
         self,
         backbone: nn.Module,
         rpn: nn.Module,
-        roi_heads: nn.Module,
+        roi_heads: nn.Module | None,
         pixel_mean: float = 0.5,
         pixel_std: float = 0.25,
         cross_class_nms_thresh: float = 0.5,
@@ -93,12 +102,17 @@ class LesionDetector(nn.Module):
         self.pixel_std = pixel_std
         self.cross_class_nms_thresh = cross_class_nms_thresh
 
+    @property
+    def rpn_only(self) -> bool:
+        """Whether this detector has no second stage."""
+        return self.roi_heads is None
+
     def forward(self, images: Tensor, targets: list[dict[str, Tensor]] | None = None) -> DetectorOutput:
         """Runs the detector on a batch of equally sized images.
 
         In training mode `targets` are required and only losses are returned (keys
-        `loss_objectness`, `loss_rpn_box_reg`, `loss_classifier`, `loss_box_reg`); in eval mode
-        detections and proposals are returned.
+        `loss_objectness`, `loss_rpn_box_reg`, and without `rpn_only` also `loss_classifier`,
+        `loss_box_reg`); in eval mode detections and proposals are returned.
         """
         if images.dim() != 4:
             raise ValueError(f"images must be (B, C, H, W), got shape {tuple(images.shape)}")
@@ -111,6 +125,14 @@ class LesionDetector(nn.Module):
             internal_targets = [{"boxes": t["boxes"], "labels": t["labels"] + 1} for t in targets]
         features = self.backbone(image_list.tensors)
         proposals, proposal_scores, rpn_losses = self.rpn(image_list, features, internal_targets)
+        if self.roi_heads is None:
+            if self.training:
+                return DetectorOutput(losses=rpn_losses)
+            detections = [
+                {"boxes": b, "scores": s, "labels": torch.zeros(len(b), dtype=torch.int64, device=b.device)}
+                for b, s in zip(proposals, proposal_scores)
+            ]
+            return DetectorOutput(detections=detections, proposals=proposals, proposal_scores=proposal_scores)
         detections, roi_losses = self.roi_heads(features, proposals, image_list.image_sizes, internal_targets)
         if self.training:
             return DetectorOutput(losses={**rpn_losses, **roi_losses})
@@ -127,13 +149,15 @@ class LesionDetector(nn.Module):
 
 
 def build_detector(config: DetectorConfig) -> LesionDetector:
-    """Builds a detector from its config."""
+    """Builds a detector from its config (without RoI heads when `config.rpn_only`)."""
     backbone = build_backbone(config.backbone)
     num_levels = len(config.backbone.returned_stages) + 1
     anchor_generator = build_anchor_generator(config.anchors, num_levels)
     rpn = build_rpn(config.rpn, anchor_generator, backbone.out_channels)
-    feature_names = [str(i) for i in range(len(config.backbone.returned_stages))]
-    roi_heads = build_roi_heads(config.roi, feature_names, backbone.out_channels, config.num_classes)
+    roi_heads = None
+    if not config.rpn_only:
+        feature_names = [str(i) for i in range(len(config.backbone.returned_stages))]
+        roi_heads = build_roi_heads(config.roi, feature_names, backbone.out_channels, config.num_classes)
     return LesionDetector(
         backbone,
         rpn,

@@ -1,0 +1,210 @@
+"""`medrpn fit-crops`: train a crop classifier as a decoupled second stage of a trained detector.
+
+    medrpn fit-crops --ckpt demo/checkpoints/best.ckpt --config configs/demo.yaml [--epochs 10]
+                     [--candidates detections|proposals] [--mode rescore|relabel|both] [--output crops.ckpt]
+
+The detector (a `medrpn fit` checkpoint) runs over the training and validation splits of the
+config's data (the same split as `medrpn fit`, without augmentation); its candidates become
+labelled crops (`medrpn.second_stage.dataset`); the classifier trains on the training crops and
+reports its loss on the validation ones. Then the validation split is measured with and without
+the second stage, the operating point of the re-scored output is picked there (for the
+detector's ``operating_fp_per_image``), and everything is written as one plain checkpoint
+(``torch.load(..., weights_only=True)``) for ``medrpn predict/evaluate --second-stage``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import warnings
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from medrpn.data.batch import collate_detection
+from medrpn.data.dataset import DetectionDataset
+from medrpn.data.transforms import build_transform
+from medrpn.errors import MedrpnError
+from medrpn.metrics import EvaluationReport
+from medrpn.second_stage.candidates import CANDIDATE_SOURCES
+from medrpn.second_stage.classifier import CropClassifierConfig
+from medrpn.second_stage.dataset import CropSet, collect_crops
+from medrpn.second_stage.evaluation import compare_second_stage, comparison_table
+from medrpn.second_stage.rescoring import COMBINES, MODES, SecondStage, SecondStageSettings, save_second_stage
+from medrpn.second_stage.training import CropClassifierModule, balanced_class_weights
+
+BATCH_SIZE = 128  # crops per training step
+
+
+@dataclass
+class FitCropsResult:
+    """What `fit_crops` made: the checkpoint, the classes, the crop counts per label (background
+    first), and the validation reports of the detector alone and with the second stage (None
+    without a validation split)."""
+
+    path: Path
+    settings: SecondStageSettings
+    class_names: list[str]
+    train_counts: list[int]
+    val_counts: list[int]
+    alone: EvaluationReport | None
+    with_stage: EvaluationReport | None
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _split_loader(datamodule: Any, split: str) -> DataLoader:
+    """The split's images as the detector sees them, never augmented (train included)."""
+    dataset = DetectionDataset(
+        datamodule.splits[split], build_transform(datamodule.image_size), datamodule.image_size, datamodule.images
+    )
+    return DataLoader(dataset, batch_size=datamodule.batch_size, num_workers=0, collate_fn=collate_detection)
+
+
+def _check_train_crops(crops: CropSet, class_names: list[str], settings: SecondStageSettings) -> list[int]:
+    counts = crops.counts(len(class_names))
+    if counts[0] == 0:
+        hint = "lower --min-score or use --candidates proposals" if settings.candidates == "detections" else "lower --min-score"
+        raise MedrpnError(
+            f"the detector gave no background candidates (score >= {settings.min_score:g}) on the training split, "
+            f"so there is nothing to tell lesions from: {hint}"
+        )
+    if sum(counts[1:]) == 0:
+        raise MedrpnError("the training split has no lesions: the second stage has nothing to learn")
+    return counts
+
+
+def fit_crops(
+    ckpt: str | Path,
+    config: str | Path,
+    output: str | Path = "crops.ckpt",
+    epochs: int = 10,
+    settings: SecondStageSettings = SecondStageSettings(),
+    seed: int = 0,
+) -> FitCropsResult:
+    """Trains a second stage for the detector ``ckpt`` on the data of ``config``; writes ``output``.
+
+    Args:
+        ckpt: detector checkpoint written by ``medrpn fit``.
+        config: the training config (its ``data:`` section gives the images and the split).
+        output: where the second-stage checkpoint goes.
+        epochs: passes over the training crops.
+        settings: candidates, crop geometry and re-scoring.
+        seed: of the classifier's initialisation, shuffling and flips.
+    """
+    from medrpn.evaluate import load_checkpoint_and_data
+
+    if epochs < 1:
+        raise MedrpnError(f"--epochs must be at least 1, got {epochs}")
+    ckpt = Path(ckpt)
+    module, datamodule = load_checkpoint_and_data(ckpt, config)
+    L.seed_everything(seed, verbose=False)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    detector = module.model.to(device).eval()
+    if getattr(detector, "rpn_only", False) and settings.candidates == "detections":
+        settings = replace(settings, candidates="proposals")  # they are its proposals: label and thin them
+        print("medrpn fit-crops: an RPN-only detector's detections are its proposals: using --candidates proposals")
+    class_names = list(module.class_names)
+    hp = module.hparams
+    classifier_config = CropClassifierConfig(
+        num_classes=len(class_names), in_channels=datamodule.read.channels,
+        pixel_mean=float(hp.pixel_mean), pixel_std=float(hp.pixel_std),
+    )
+    train_crops = collect_crops(detector, settings, _split_loader(datamodule, "train"), add_ground_truth=True)
+    train_counts = _check_train_crops(train_crops, class_names, settings)
+    has_val = bool(datamodule.splits["val"])
+    val_crops = collect_crops(detector, settings, _split_loader(datamodule, "val"), add_ground_truth=False) if has_val else None
+    training = CropClassifierModule(classifier_config, class_weights=balanced_class_weights(train_counts))
+
+    trainer = L.Trainer(
+        max_epochs=epochs, accelerator="auto", devices=1, logger=False, enable_checkpointing=False,
+        enable_model_summary=False, enable_progress_bar=False, num_sanity_val_steps=0,
+    )
+    train_loader = DataLoader(train_crops.dataset(), batch_size=BATCH_SIZE, shuffle=True)
+    val_loader = DataLoader(val_crops.dataset(), batch_size=4 * BATCH_SIZE) if val_crops is not None and len(val_crops) else None
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+        trainer.fit(training, train_dataloaders=train_loader, val_dataloaders=val_loader)
+    provenance = {"checkpoint": str(ckpt.resolve()), "sha256": _sha256(ckpt)}
+    stage = SecondStage(training.classifier.eval(), settings, class_names, detector=provenance)
+
+    alone = with_stage = None
+    extra: dict[str, Any] = {"training": {"epochs": epochs, "train_counts": train_counts, "seed": seed}}
+    if has_val:
+        metric_args = {"class_names": class_names, "froc_hit_rule": hp.froc_hit_rule, "froc_iou_threshold": hp.froc_iou_threshold}
+        alone, with_stage = compare_second_stage(
+            detector, stage, _split_loader(datamodule, "val"), metric_args, target_fp_per_image=float(hp.operating_fp_per_image)
+        )
+        if with_stage.operating_point is not None:
+            stage.operating_point = with_stage.operating_point.as_dict()
+        extra["validation"] = {
+            "detector": {k: float(v) for k, v in alone.scalars.items()},
+            "second_stage": {k: float(v) for k, v in with_stage.scalars.items()},
+            "val_loss": float(trainer.callback_metrics.get("val/loss", float("nan"))),
+        }
+    path = save_second_stage(stage.cpu(), output, extra)
+    val_counts = val_crops.counts(len(class_names)) if val_crops is not None else []
+    return FitCropsResult(path, settings, class_names, train_counts, val_counts, alone, with_stage)
+
+
+def main(argv: list[str]) -> None:
+    """`medrpn fit-crops --ckpt CKPT --config CFG [...]`."""
+    defaults = SecondStageSettings()
+    parser = argparse.ArgumentParser(
+        prog="medrpn fit-crops",
+        description="Train a crop classifier on a detector's candidates (a decoupled second stage: false-positive "
+        "reduction and/or lesion typing) and compare FROC/CPM with and without it on the validation split.",
+    )
+    parser.add_argument("--ckpt", required=True, type=Path, help="detector checkpoint written by `medrpn fit`")
+    parser.add_argument("--config", required=True, type=Path, help="the training config (its data: section is used)")
+    parser.add_argument("--output", type=Path, default=Path("crops.ckpt"), help="second-stage checkpoint to write (default: crops.ckpt)")
+    parser.add_argument("--epochs", type=int, default=10, help="passes over the training crops (default: 10)")
+    parser.add_argument("--candidates", choices=CANDIDATE_SOURCES, default=defaults.candidates,
+                        help="classify the detector's detections or its RPN proposals (the RoI head bypassed)")
+    parser.add_argument("--mode", choices=MODES, default=defaults.mode,
+                        help="rescore (false-positive reduction), relabel (lesion type) or both (default)")
+    parser.add_argument("--combine", choices=COMBINES, default=defaults.combine,
+                        help="new score: the classifier's lesion probability alone (none) or its geometric mean "
+                        "with the detector's score (default)")
+    parser.add_argument("--crop-size", type=int, default=defaults.crop_size, help=f"crop side in pixels (default: {defaults.crop_size})")
+    parser.add_argument("--margin", type=float, default=defaults.margin,
+                        help=f"context on each side, as a fraction of the box side (default: {defaults.margin:g})")
+    parser.add_argument("--min-score", type=float, default=defaults.min_score,
+                        help=f"candidates scoring less are left out (default: {defaults.min_score:g})")
+    args = parser.parse_args(argv)
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    settings = SecondStageSettings(
+        candidates=args.candidates, mode=args.mode, combine=args.combine,
+        crop_size=args.crop_size, margin=args.margin, min_score=args.min_score,
+    )
+    result = fit_crops(args.ckpt, args.config, args.output, args.epochs, settings)
+    names = ["background", *result.class_names]
+    s = result.settings
+    print(f"medrpn fit-crops: {args.ckpt} ({s.candidates}, {s.mode}, {s.crop_size} px crops, margin {s.margin:g})")
+    print(f"  training crops per label  {_counts(result.train_counts, names)}")
+    if result.alone is None:
+        print("  no validation split: nothing measured, no operating point stored")
+    else:
+        print(f"  validation crops          {_counts(result.val_counts, names)}\n")
+        print(f"Validation split ({result.alone.settings['n_images']} images, {result.alone.settings['n_lesions']} lesions):")
+        print(comparison_table(result.alone, result.with_stage))
+        op = result.with_stage.operating_point
+        if op is not None:
+            print(f"Operating point with the second stage: score >= {op.score_threshold:.4g}, {op.fp_per_image:.3f} FP/image, "
+                  f"sensitivity {op.sensitivity:.3f}")
+    print(f"\nWritten {result.path} (use: medrpn evaluate/predict ... --second-stage {result.path})", flush=True)
+
+
+def _counts(counts: list[int], names: list[str]) -> str:
+    return ", ".join(f"{n} {c}" for n, c in zip(names, counts))
