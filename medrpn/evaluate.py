@@ -176,14 +176,10 @@ def _with_second_stage(
     from medrpn.second_stage.evaluation import compare_second_stage
     from medrpn.second_stage.rescoring import check_classes
 
-    check_classes(stage, module.class_names, path)
-    metric_args = {
-        "class_names": module.class_names,
-        "froc_hit_rule": module.hparams.froc_hit_rule,
-        "froc_iou_threshold": module.hparams.froc_iou_threshold,
-    }
+    check_classes(stage, module.hparams.class_names, path)  # the data's classes (RPN-only: not the model's)
+    metric_args = {"froc_hit_rule": module.hparams.froc_hit_rule, "froc_iou_threshold": module.hparams.froc_iou_threshold}
     detector = module.model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
-    alone, with_stage = compare_second_stage(detector, stage, loader, metric_args)
+    alone, with_stage = compare_second_stage(detector, stage, loader, module.class_names, metric_args)
     return SecondStageEvaluation(path, alone, with_stage, stage.settings.mode, stage.settings.candidates)
 
 

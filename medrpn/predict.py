@@ -289,7 +289,8 @@ def _load_second_stage(
     """The second stage on the detector's device. Its scores are not the detector's, so its own
     operating point replaces the detector's as the default threshold (``model`` is updated)."""
     stage = load_second_stage(path)
-    check_classes(stage, model.class_names, path)
+    check_classes(stage, module.hparams.class_names, path)  # the data's classes (RPN-only: not the model's)
+    model.class_names = stage.class_names  # the labels are the second stage's
     threshold, source, point = resolve_threshold({"operating_point": stage.operating_point}, score_threshold)
     model.score_threshold, model.operating_point = threshold, point
     model.threshold_source = "second-stage operating point" if source == "checkpoint operating point" else source

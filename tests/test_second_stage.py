@@ -29,7 +29,6 @@ from medrpn.second_stage import (
     save_second_stage,
 )
 from medrpn.second_stage.candidates import IGNORE, label_candidates, select_candidates
-from medrpn.second_stage.tool import main as fit_crops_main
 from medrpn.second_stage.training import CropClassifierModule, balanced_class_weights
 from trained_run import TrainedRun, trained_run
 
@@ -248,8 +247,8 @@ def fitted(run, tmp_path_factory) -> tuple[str, str]:
     path = tmp_path_factory.mktemp("second_stage") / "crops.ckpt"
     out = io.StringIO()
     with contextlib.redirect_stdout(out):  # the untrained detector finds little: its proposals give crops
-        fit_crops_main(["--ckpt", str(run.ckpt), "--config", str(run.config), "--output", str(path),
-                        "--epochs", "2", "--candidates", "proposals", "--crop-size", "32"])
+        medrpn_main(["fit-crops", "--ckpt", str(run.ckpt), "--config", str(run.config), "--output", str(path),
+                     "--epochs", "2", "--candidates", "proposals", "--crop-size", "32"])
     return str(path), out.getvalue()
 
 
@@ -273,10 +272,11 @@ def test_fit_crops_writes_a_plain_checkpoint_and_prints_both_rows(fitted, run):
     assert _rows(out, "all: + second stage")[-1] == pytest.approx(checkpoint["validation"]["second_stage"]["cpm"], abs=1e-3)
 
 
-def test_fit_crops_explains_when_there_is_nothing_to_learn_from(run, tmp_path):
-    with pytest.raises(MedrpnError, match="no background candidates.*--candidates proposals"):
-        fit_crops_main(["--ckpt", str(run.ckpt), "--config", str(run.config), "--output", str(tmp_path / "c.ckpt"),
-                        "--min-score", "1.0"])
+def test_fit_crops_explains_when_there_is_nothing_to_learn_from(run, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        medrpn_main(["fit-crops", "--ckpt", str(run.ckpt), "--config", str(run.config),
+                     "--output", str(tmp_path / "c.ckpt"), "--min-score", "1.0"])
+    assert re.search("no background candidates.*--candidates proposals", capsys.readouterr().err)
     assert not (tmp_path / "c.ckpt").exists()
 
 
@@ -313,3 +313,26 @@ def test_predict_with_a_second_stage_uses_its_operating_point(fitted, run, tmp_p
     findings = json.loads(next((tmp_path / "out").rglob("findings.json")).read_text())
     assert findings["model"]["threshold_source"] == "second-stage operating point"
     assert all(f["score"] >= stored["score_threshold"] - 1e-4 for i in findings["images"] for f in i["findings"])  # 4 decimals
+
+
+def test_an_rpn_only_detector_gets_a_second_stage_for_the_data_classes(run, tmp_path, capsys):
+    import lightning
+
+    from medrpn.training import LesionDetectionModule
+
+    torch.manual_seed(0)  # an untrained RPN-only detector, saved as Lightning saves one
+    module = LesionDetectionModule(class_names=CLASSES, rpn_only=True, backbone={"fpn_channels": 16},
+                                   rpn={"post_nms_top_n_test": 50})
+    data_settings = torch.load(run.ckpt, map_location="cpu", weights_only=True)["datamodule_hyper_parameters"]
+    detector = tmp_path / "rpn_only.ckpt"
+    torch.save({"pytorch-lightning_version": lightning.__version__, "state_dict": module.state_dict(),
+                "hyper_parameters": dict(module.hparams), "datamodule_hyper_parameters": data_settings}, detector)
+    crops = tmp_path / "crops.ckpt"
+    medrpn_main(["fit-crops", "--ckpt", str(detector), "--config", str(run.config), "--output", str(crops),
+                 "--epochs", "1", "--crop-size", "32"])
+    out = capsys.readouterr().out
+    assert "detections are its proposals: using --candidates proposals" in out
+    checkpoint = torch.load(crops, map_location="cpu", weights_only=True)
+    assert checkpoint["class_names"] == CLASSES and checkpoint["settings"]["candidates"] == "proposals"
+    # alone, the detector reports its one class: per class only the second stage has figures
+    assert re.search(r"nodule: detector alone\s+n/a", out) and len(_rows(out, "nodule: + second stage")) == len(FP_RATES) + 1

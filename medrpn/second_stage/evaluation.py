@@ -25,6 +25,7 @@ def compare_second_stage(
     detector: torch.nn.Module,
     stage: SecondStage,
     batches: Iterable[dict[str, Any]],
+    detector_class_names: list[str],
     metric_args: dict[str, Any],
     n_bootstrap: int = 0,
     target_fp_per_image: float | None = None,
@@ -33,21 +34,26 @@ def compare_second_stage(
 
     Args:
         detector: a `LesionDetector` in eval mode; ``stage`` is moved to its device.
-        stage: the second stage.
+        stage: the second stage (its figures are per class of ``stage.class_names``).
         batches: batches in the format of `medrpn.data.batch` (no augmentation).
-        metric_args: `DetectionMetrics` settings (class_names, froc_hit_rule, froc_iou_threshold).
+        detector_class_names: the classes the detector reports. An RPN-only detector reports one,
+            so alone it is measured class-agnostic, as in training (every lesion of that class).
+        metric_args: further `DetectionMetrics` settings (froc_hit_rule, froc_iou_threshold).
         n_bootstrap, target_fp_per_image: passed to `DetectionMetrics.report` for both.
     """
     device = next(detector.parameters()).device
     stage = stage.to(device).eval()
-    alone, with_stage = DetectionMetrics(**metric_args), DetectionMetrics(**metric_args)
+    alone = DetectionMetrics(class_names=list(detector_class_names), **metric_args)
+    with_stage = DetectionMetrics(class_names=stage.class_names, **metric_args)
+    one_class = getattr(detector, "rpn_only", False)
     for batch in batches:
         if len(batch["images"]) == 0:
             continue
         images = batch["images"].to(device)
         targets = [{k: v.to(device) for k, v in t.items()} for t in batch["targets"]]
         output = detector(images)
-        alone.update(output.detections, targets, output.proposals, batch.get("meta"))
+        alone_targets = [{**t, "labels": torch.zeros_like(t["labels"])} for t in targets] if one_class else targets
+        alone.update(output.detections, alone_targets, output.proposals, batch.get("meta"))
         with_stage.update(stage(images, output), targets, output.proposals, batch.get("meta"))
     return tuple(
         m.report(n_bootstrap=n_bootstrap, target_fp_per_image=target_fp_per_image) for m in (alone, with_stage)
@@ -56,12 +62,13 @@ def compare_second_stage(
 
 def comparison_table(alone: EvaluationReport, with_stage: EvaluationReport) -> str:
     """FROC sensitivity at 1/8 .. 8 FP per image and CPM, detector alone above with the second
-    stage, class-agnostic and per class."""
+    stage, class-agnostic and per class (of the second stage; "n/a" where the detector alone has
+    no such class)."""
     def fmt(value: float) -> str:
         return "n/a" if not math.isfinite(value) else f"{value:.3f}"
 
     lines = [f"{'FROC sensitivity':<34}" + "".join(f"{r:>8g}" for r in FP_RATES) + f"{'CPM':>8}"]
-    names = ["all"] + (alone.class_names if len(alone.class_names) > 1 else [])
+    names = ["all"] + (with_stage.class_names if len(with_stage.class_names) > 1 else [])
     for name in names:
         prefix = "" if name == "all" else f"{metric_safe(name)}/"
         for title, report in ((f"{name}: detector alone", alone), (f"{name}: + second stage", with_stage)):

@@ -1,6 +1,6 @@
 """`medrpn fit-crops`: train a crop classifier as a decoupled second stage of a trained detector.
 
-    medrpn fit-crops --ckpt demo/checkpoints/best.ckpt --config configs/demo.yaml [--epochs 10]
+    medrpn fit-crops --ckpt demo/checkpoints/best.ckpt --config configs/demo.yaml [--epochs 30]
                      [--candidates detections|proposals] [--mode rescore|relabel|both] [--output crops.ckpt]
 
 The detector (a `medrpn fit` checkpoint) runs over the training and validation splits of the
@@ -89,7 +89,7 @@ def fit_crops(
     ckpt: str | Path,
     config: str | Path,
     output: str | Path = "crops.ckpt",
-    epochs: int = 10,
+    epochs: int = 30,
     settings: SecondStageSettings = SecondStageSettings(),
     seed: int = 0,
 ) -> FitCropsResult:
@@ -112,11 +112,11 @@ def fit_crops(
     L.seed_everything(seed, verbose=False)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     detector = module.model.to(device).eval()
+    hp = module.hparams
     if getattr(detector, "rpn_only", False) and settings.candidates == "detections":
         settings = replace(settings, candidates="proposals")  # they are its proposals: label and thin them
         print("medrpn fit-crops: an RPN-only detector's detections are its proposals: using --candidates proposals")
-    class_names = list(module.class_names)
-    hp = module.hparams
+    class_names = list(hp.class_names)  # the data's (an RPN-only detector reports one class of its own)
     classifier_config = CropClassifierConfig(
         num_classes=len(class_names), in_channels=datamodule.read.channels,
         pixel_mean=float(hp.pixel_mean), pixel_std=float(hp.pixel_std),
@@ -142,9 +142,10 @@ def fit_crops(
     alone = with_stage = None
     extra: dict[str, Any] = {"training": {"epochs": epochs, "train_counts": train_counts, "seed": seed}}
     if has_val:
-        metric_args = {"class_names": class_names, "froc_hit_rule": hp.froc_hit_rule, "froc_iou_threshold": hp.froc_iou_threshold}
+        metric_args = {"froc_hit_rule": hp.froc_hit_rule, "froc_iou_threshold": hp.froc_iou_threshold}
         alone, with_stage = compare_second_stage(
-            detector, stage, _split_loader(datamodule, "val"), metric_args, target_fp_per_image=float(hp.operating_fp_per_image)
+            detector, stage, _split_loader(datamodule, "val"), module.class_names, metric_args,
+            target_fp_per_image=float(hp.operating_fp_per_image),
         )
         if with_stage.operating_point is not None:
             stage.operating_point = with_stage.operating_point.as_dict()
@@ -169,7 +170,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--ckpt", required=True, type=Path, help="detector checkpoint written by `medrpn fit`")
     parser.add_argument("--config", required=True, type=Path, help="the training config (its data: section is used)")
     parser.add_argument("--output", type=Path, default=Path("crops.ckpt"), help="second-stage checkpoint to write (default: crops.ckpt)")
-    parser.add_argument("--epochs", type=int, default=10, help="passes over the training crops (default: 10)")
+    parser.add_argument("--epochs", type=int, default=30, help="passes over the training crops (default: 30)")
     parser.add_argument("--candidates", choices=CANDIDATE_SOURCES, default=defaults.candidates,
                         help="classify the detector's detections or its RPN proposals (the RoI head bypassed)")
     parser.add_argument("--mode", choices=MODES, default=defaults.mode,
