@@ -29,7 +29,6 @@ file paths and reasons only.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -47,6 +46,7 @@ from medrpn.data.io import ReadConfig, read_image
 from medrpn.data.transforms import build_transform, fit_scale
 from medrpn.errors import ConfigError, DataError, MedrpnError
 from medrpn.outputs import ImageFindings, ModelInfo, make_findings
+from medrpn.outputs.findings import file_sha256
 from medrpn.outputs.overlay import to_display_uint8
 from medrpn.outputs.proposals import PROPOSALS_NAME, image_proposals, write_proposals
 from medrpn.outputs.study import StudyOutputs, existing_outputs
@@ -147,14 +147,6 @@ def _plain(value: Any) -> Any:
         return float(value)
     except (TypeError, ValueError):
         return value
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -273,7 +265,7 @@ def _load(ckpt: Path, score_threshold: float | None) -> tuple[LesionDetectionMod
     data_settings = dict(checkpoint.get("datamodule_hyper_parameters") or {})
     model = ModelInfo(
         checkpoint=str(ckpt.resolve()),
-        checkpoint_sha256=_sha256(ckpt),
+        checkpoint_sha256=file_sha256(ckpt),
         class_names=list(module.class_names),
         score_threshold=threshold,
         threshold_source=source,

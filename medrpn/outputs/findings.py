@@ -59,6 +59,7 @@ Schema history: 1.0 was one file per image with the UIDs under ``image.meta``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -351,3 +352,13 @@ def write_atomically(path: str | Path, data: bytes) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex SHA-256 of a file (a checkpoint), read in 1 MiB blocks: what findings and second-stage
+    checkpoints record so results can be traced to exact weights."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

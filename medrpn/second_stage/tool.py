@@ -15,7 +15,6 @@ detector's ``operating_fp_per_image``), and everything is written as one plain c
 from __future__ import annotations
 
 import argparse
-import hashlib
 import logging
 import warnings
 from dataclasses import dataclass, replace
@@ -31,6 +30,7 @@ from medrpn.data.dataset import DetectionDataset
 from medrpn.data.transforms import build_transform
 from medrpn.errors import MedrpnError
 from medrpn.metrics import EvaluationReport
+from medrpn.outputs.findings import file_sha256
 from medrpn.second_stage.candidates import CANDIDATE_SOURCES
 from medrpn.second_stage.classifier import CropClassifierConfig
 from medrpn.second_stage.dataset import CropSet, collect_crops
@@ -54,14 +54,6 @@ class FitCropsResult:
     val_counts: list[int]
     alone: EvaluationReport | None
     with_stage: EvaluationReport | None
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _split_loader(datamodule: Any, split: str) -> DataLoader:
@@ -136,7 +128,7 @@ def fit_crops(
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
         trainer.fit(training, train_dataloaders=train_loader, val_dataloaders=val_loader)
-    provenance = {"checkpoint": str(ckpt.resolve()), "sha256": _sha256(ckpt)}
+    provenance = {"checkpoint": str(ckpt.resolve()), "sha256": file_sha256(ckpt)}
     stage = SecondStage(training.classifier.eval(), settings, class_names, detector=provenance)
 
     alone = with_stage = None
