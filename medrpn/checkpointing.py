@@ -6,7 +6,7 @@ SLURM), a node is pre-empted, a process is killed (SIGKILL). `ResumeCheckpoint` 
 at once when the process receives SIGTERM (Lightning stops at the next batch boundary and raises
 `SIGTERMException`). `medrpn fit --ckpt_path last` then continues from it: the same optimizer
 step count, learning-rate schedule and epoch, in the same MLflow run (the checkpoint records the
-run, see `resume_run_id`).
+run, see `checkpoint_run`).
 
 It is a `ModelCheckpoint` that keeps no "top k" files, so it never competes with the checkpoint
 of the best validation score, which stays the model logged to MLflow.
@@ -77,14 +77,13 @@ def find_last_checkpoint(trainer: Trainer) -> Path | None:
     return Path(max(found, key=lambda p: Path(p).stat().st_mtime)) if found else None
 
 
-def resume_run_id(checkpoint_path: str | Path) -> str | None:
-    """The MLflow run a checkpoint was written by (None when it has none), read without running
-    any code from the file."""
+def checkpoint_run(checkpoint_path: str | Path) -> dict[str, str]:
+    """The MLflow run a checkpoint was written by ({"run_id", "experiment_id", "tracking_uri"}; empty
+    when it has none), read without running any code from the file."""
     try:
         checkpoint: dict[str, Any] = torch.load(checkpoint_path, map_location="cpu", weights_only=True, mmap=True)
     except FileNotFoundError:
         raise MedrpnError(f"{checkpoint_path}: checkpoint not found") from None
     except Exception as error:  # noqa: BLE001 - any unreadable file gets the same clear message
         raise MedrpnError(f"{checkpoint_path}: not a readable checkpoint ({str(error).splitlines()[0][:200]})") from None
-    run = checkpoint.get("mlflow_run") or {}
-    return run.get("run_id")
+    return dict(checkpoint.get("mlflow_run") or {})

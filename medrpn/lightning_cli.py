@@ -21,10 +21,11 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from medrpn.checkpointing import ResumeCheckpoint, find_last_checkpoint, resume_run_id
+from medrpn.checkpointing import ResumeCheckpoint, checkpoint_run, find_last_checkpoint
 from medrpn.data.datamodule import LesionDataModule
 from medrpn.distributed import lost_peer, rank, watch_launcher
 from medrpn.errors import MedrpnError
+from medrpn.runs import absolute_tracking_uri
 from medrpn.tracking import MLflowConfigLogger, describe_run, mlflow_logger
 from medrpn.tracking_outbox import MLflowLogger
 from medrpn.training import AUTO, LesionDetectionModule
@@ -52,8 +53,9 @@ class MedrpnCLI(LightningCLI):
         )
 
     def before_instantiate_classes(self) -> None:
-        """`model.anchors: auto` becomes the anchors planned from the training boxes (`medrpn plan`),
-        so the run's config, its MLflow parameters and its checkpoints hold the chosen ones."""
+        """Refuses sync BN on CPU in one line (torch fails deep inside DDP), and turns
+        `model.anchors: auto` into the anchors planned from the training boxes (`medrpn plan`), so
+        the run's config, its MLflow parameters and its checkpoints hold the chosen ones."""
         config = self.config[self.subcommand] if self.subcommand else self.config
         trainer = config.trainer
         if trainer.sync_batchnorm and (trainer.accelerator == "cpu" or (trainer.accelerator == "auto" and not _has_gpu())):
@@ -79,10 +81,12 @@ class MedrpnCLI(LightningCLI):
         logger = mlflow_logger(self.trainer)
         if path is None or logger is None or logger._run_id is not None:
             return
-        run_id = resume_run_id(path)
-        if run_id is not None:
-            logger._run_id = run_id  # read by MLFlowLogger.experiment, which then reopens that run
-            print(f"medrpn: resuming from {path}, in MLflow run {run_id}", flush=True)
+        run = checkpoint_run(path)
+        if run.get("run_id") and run.get("tracking_uri") == absolute_tracking_uri(str(logger._tracking_uri)):
+            logger._run_id = run["run_id"]  # read by MLFlowLogger.experiment, which then reopens that run
+            print(f"medrpn: resuming from {path}, in MLflow run {run['run_id']}", flush=True)
+        elif run.get("run_id"):
+            print(f"medrpn: resuming from {path} in a new MLflow run (its run was in {run.get('tracking_uri')})", flush=True)
 
     def after_fit(self) -> None:
         trainer, datamodule = self.trainer, self.datamodule
