@@ -23,9 +23,15 @@ alone repeats the run; it names `rpn_ablation.FitClock`, so put bench/ on PYTHON
 checkpoints and `fit.log` there; the runs are `ablation-<variant>` in the MLflow experiment
 `medrpn-ablation` at `sqlite:///<out>/mlruns.db`.
 
+With an RPN-only recipe (`--set model.rpn_only=true`), a variant that changes only proposal
+settings (top-k, NMS: topk_small, nms_0.5) would train the baseline's very weights, since the RPN's
+losses are computed on anchors, never on proposals: it re-evaluates the baseline's best checkpoint
+with `medrpn validate` instead (its row says so and repeats the baseline's training figures).
+
 Measured per variant, into `<out>/ablation.json` and the table `<out>/ablation.md` (both
 rewritten after every variant; a failed variant keeps its error and the others go on; rows of an
-earlier call with the same recipe, epochs and settings are kept):
+earlier call with the same recipe, epochs and settings are kept, and calls with different
+`--variants` may run at the same time into one `--out`, e.g. one per core):
 - validation metrics of the best epoch (highest val/cpm, the checkpoint `medrpn fit` keeps):
   val/rpn_recall100, val/cpm, val/froc_1fp, val/map50, read from the run's metric history;
 - anchors per image (at the recipe's image size) and anchor coverage of the training boxes
@@ -347,12 +353,19 @@ def best_epoch_metrics(tracking_uri: str, run_id: str) -> dict[str, Any]:
     return found
 
 
-def inference_speed(checkpoint: Path, image_size: int, repeats: int = INFER_REPEATS) -> dict[str, float]:
-    """Images per second of the checkpoint's detector at each of `BATCH_SIZES`, on random images."""
+def inference_speed(
+    checkpoint: Path, image_size: int, repeats: int = INFER_REPEATS, rpn: dict[str, Any] | None = None
+) -> dict[str, float]:
+    """Images per second of the checkpoint's detector at each of `BATCH_SIZES`, on random images
+    (with `rpn`: these RPN settings over the checkpoint's, e.g. other proposal top-k)."""
     from medrpn.training import LesionDetectionModule
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    module = LesionDetectionModule.load_from_checkpoint(checkpoint, map_location="cpu", weights_only=True)
+    overrides = {}
+    if rpn:
+        saved = torch.load(checkpoint, map_location="cpu", weights_only=True)["hyper_parameters"]["rpn"]
+        overrides["rpn"] = {**saved, **rpn}
+    module = LesionDetectionModule.load_from_checkpoint(checkpoint, map_location="cpu", weights_only=True, **overrides)
     model = module.model.to(device).eval()
     channels = module.detector_config.backbone.in_channels
     generator = torch.Generator().manual_seed(0)
@@ -372,15 +385,45 @@ def inference_speed(checkpoint: Path, image_size: int, repeats: int = INFER_REPE
     return speeds
 
 
-def run_fit(config_path: Path, log_path: Path, threads: int | None) -> tuple[int, str, float]:
-    """Runs `medrpn fit --config config_path` in a subprocess: exit status, output, wall seconds."""
+# RPN settings that only shape the proposals: an RPN trained alone (`rpn_only`) computes its losses on
+# anchors, never on proposals, so changing these trains the same weights and only changes evaluation
+PROPOSAL_ONLY_SETTINGS = {
+    f"model.rpn.{key}"
+    for key in ("pre_nms_top_n_train", "post_nms_top_n_train", "pre_nms_top_n_test", "post_nms_top_n_test", "nms_thresh", "score_thresh")
+}
+
+
+def trains_like_baseline(recipe: dict[str, Any], overrides: dict[str, Any]) -> bool:
+    """True when a variant would train the very weights of the baseline: an RPN-only recipe whose
+    variant changes only proposal settings. Such a variant re-evaluates the baseline's checkpoint
+    (`medrpn validate`) instead of training it again; the row says so."""
+    return bool(get_dotted(recipe, "model.rpn_only")) and bool(overrides) and set(overrides) <= PROPOSAL_ONLY_SETTINGS
+
+
+def latest_run_id(tracking_uri: str, run_name: str) -> str:
+    """The newest MLflow run named `run_name` in the ablation's experiment."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    runs = client.search_runs(
+        [experiment.experiment_id] if experiment else [], filter_string=f"attributes.run_name = '{run_name}'",
+        order_by=["attributes.start_time DESC"], max_results=1,
+    )
+    if not runs:
+        raise RuntimeError(f"no MLflow run named {run_name!r} in {tracking_uri}")
+    return runs[0].info.run_id
+
+
+def run_medrpn(config_path: Path, log_path: Path, threads: int | None, *extra: str, subcommand: str = "fit") -> tuple[int, str, float]:
+    """Runs `medrpn <subcommand> --config config_path [extra]` in a subprocess: exit status, output, wall seconds."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(Path(__file__).resolve().parent), env.get("PYTHONPATH")) if p)
     if threads:
         env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
     start = time.perf_counter()
     result = subprocess.run(
-        [sys.executable, "-m", "medrpn", "fit", "--config", str(config_path)],
+        [sys.executable, "-m", "medrpn", subcommand, "--config", str(config_path), *extra],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     wall = time.perf_counter() - start
@@ -412,23 +455,39 @@ def measure_variant(
         work.mkdir(parents=True)
         config_path = work / "config.yaml"
         config_path.write_text(yaml.safe_dump(config, sort_keys=False, default_flow_style=None))
-        print(f"rpn_ablation: {name}: {row['changed']}", flush=True)
-        code, output, row["fit_wall_s"] = run_fit(config_path, work / "fit.log", threads)
-        if code != 0:
-            raise RuntimeError(f"medrpn fit exited with status {code} (log: {work / 'fit.log'}):\n{_tail(output)}")
-        clock = json.loads((work / "fit_clock.json").read_text())
+        tracking_uri = f"sqlite:///{(out / 'mlruns.db').resolve()}"
+        baseline_clock = out / "baseline" / "fit_clock.json"
+        if name != "baseline" and trains_like_baseline(recipe, overrides) and baseline_clock.exists():
+            clock = json.loads(baseline_clock.read_text())
+            row["changed"] += "; the baseline's weights, re-evaluated (RPN-only training never uses proposals)"
+            row["weights_from"] = "baseline"
+            print(f"rpn_ablation: {name}: {row['changed']}", flush=True)
+            code, output, row["fit_wall_s"] = run_medrpn(
+                config_path, work / "validate.log", threads, "--ckpt_path", clock["best_checkpoint"], subcommand="validate"
+            )
+            if code != 0:
+                raise RuntimeError(f"medrpn validate exited with status {code} (log: {work / 'validate.log'}):\n{_tail(output)}")
+            run_id = latest_run_id(tracking_uri, f"ablation-{name}")
+        else:
+            print(f"rpn_ablation: {name}: {row['changed']}", flush=True)
+            code, output, row["fit_wall_s"] = run_medrpn(config_path, work / "fit.log", threads)
+            if code != 0:
+                raise RuntimeError(f"medrpn fit exited with status {code} (log: {work / 'fit.log'}):\n{_tail(output)}")
+            clock = json.loads((work / "fit_clock.json").read_text())
+            run_id = clock["run_id"]
         row.update(
-            run_id=clock["run_id"],
+            run_id=run_id,
             epochs=clock["epochs"],
             train_images=clock["train_images"],
             train_seconds=clock["train_seconds"],
             train_images_per_s=clock["train_images_per_s"],
             checkpoint=clock["best_checkpoint"],
         )
-        row.update(best_epoch_metrics(f"sqlite:///{(out / 'mlruns.db').resolve()}", clock["run_id"]))
+        row.update(best_epoch_metrics(tracking_uri, run_id))
         if not row["checkpoint"]:
             raise RuntimeError("the fit kept no best checkpoint (was val/cpm ever logged?)")
-        row["infer_images_per_s"] = inference_speed(Path(row["checkpoint"]), image_size)
+        rpn = {k.removeprefix("model.rpn."): v for k, v in overrides.items()} if row.get("weights_from") else None
+        row["infer_images_per_s"] = inference_speed(Path(row["checkpoint"]), image_size, rpn=rpn)
     except Exception as error:  # noqa: BLE001 - one failed variant must not stop the others
         row["error"] = f"{error.__class__.__name__}: {error}" if not isinstance(error, RuntimeError) else str(error)
         print(f"rpn_ablation: {name} FAILED: {_tail(row['error'], 5)}", flush=True)
@@ -512,6 +571,22 @@ def earlier_rows(out: Path, meta: dict[str, Any]) -> list[dict[str, Any]]:
     return list(earlier.get("rows", []))
 
 
+def merge_into_results(out: Path, meta: dict[str, Any], measured: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Writes this call's rows with those already in `<out>` (same recipe, epochs and settings) and returns them all.
+
+    The table is re-read under a file lock at every write, so calls with different `--variants`
+    may run at once into the same `<out>` (e.g. one per CPU core or GPU) and end in one table.
+    """
+    from filelock import FileLock
+
+    with FileLock(str(out / ".ablation.lock"), timeout=600):
+        ours = {r["variant"] for r in measured}
+        rows = [r for r in earlier_rows(out, meta) if r.get("variant") not in ours] + list(measured)
+        rows.sort(key=lambda r: list(VARIANTS).index(r["variant"]) if r["variant"] in VARIANTS else len(VARIANTS))
+        write_results(out, meta, rows)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, default=Path("configs/demo.yaml"), help="the recipe")
@@ -550,14 +625,13 @@ def main(argv: list[str] | None = None) -> None:
         "tracking_uri": f"sqlite:///{(args.out / 'mlruns.db').resolve()}",
         "experiment": EXPERIMENT,
     }
-    rows = [r for r in earlier_rows(args.out, meta) if r.get("variant") not in names]
     boxes = training_boxes_or_none(recipe)
+    measured: list[dict[str, Any]] = []
     for name in names:
-        rows.append(measure_variant(name, recipe, args.out, epochs, args.threads, boxes))
-        rows.sort(key=lambda r: list(VARIANTS).index(r["variant"]) if r["variant"] in VARIANTS else len(VARIANTS))
-        write_results(args.out, meta, rows)
+        measured.append(measure_variant(name, recipe, args.out, epochs, args.threads, boxes))
+        merge_into_results(args.out, meta, measured)
     print((args.out / "ablation.md").read_text())
-    failed = [r["variant"] for r in rows if r.get("error") and r["variant"] in names]
+    failed = [r["variant"] for r in measured if r.get("error")]
     if failed:
         print(f"rpn_ablation: {len(failed)} variant(s) failed: {', '.join(failed)} (see {args.out / 'ablation.md'})")
 

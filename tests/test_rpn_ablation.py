@@ -110,3 +110,61 @@ def test_a_variant_that_cannot_be_built_is_recorded_as_failed(annotations, tmp_p
     ablation.write_results(tmp_path, meta, [row])
     assert "| levels_no_finest |" in (tmp_path / "ablation.md").read_text() and "FAILED" in (tmp_path / "ablation.md").read_text()
     assert json.loads((tmp_path / "ablation.json").read_text())["rows"][0]["error"] == row["error"]
+
+
+def _merge_rows(out: str, variants: list[str], meta: dict) -> None:
+    bench = _load_bench()
+    measured = []
+    for name in variants:  # one write per variant, as main() does after each
+        measured.append({"variant": name, "changed": name, "error": f"{name} failed on purpose"})
+        bench.merge_into_results(Path(out), meta, measured)
+
+
+def test_calls_running_at_once_into_one_folder_end_in_one_table(tmp_path):
+    import multiprocessing
+
+    meta = {"recipe": "demo", "epochs": 1, "set": {}, "threads": 1, "machine": "test", "date": "today"}
+    groups = [["baseline", "sampler_focal", "anchors_planned_9"], ["objectness_softmax", "levels_no_finest", "nms_0.5"]]
+    context = multiprocessing.get_context("spawn")
+    workers = [context.Process(target=_merge_rows, args=(str(tmp_path), group, meta)) for group in groups]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(120)
+        assert worker.exitcode == 0
+    rows = json.loads((tmp_path / "ablation.json").read_text())["rows"]
+    assert [r["variant"] for r in rows] == [v for v in ablation.VARIANTS if any(v in g for g in groups)]
+    table = (tmp_path / "ablation.md").read_text()
+    assert all(f"| {v} |" in table for g in groups for v in g)
+
+    other = {**meta, "epochs": 2}  # another protocol: the earlier rows are not comparable and are dropped
+    _merge_rows(str(tmp_path), ["baseline"], other)
+    assert [r["variant"] for r in json.loads((tmp_path / "ablation.json").read_text())["rows"]] == ["baseline"]
+
+
+def test_rpn_only_proposal_variants_re_evaluate_the_baseline_weights(annotations, tmp_path):
+    out = tmp_path / "ablation"
+    ablation.main(
+        ["--config", str(REPO / "configs" / "demo.yaml"), "--variants", "baseline,nms_0.5", "--epochs", "1",
+         "--out", str(out), "--threads", "1", *_sets(annotations), "--set", "model.rpn_only=true"]
+    )
+    rows = {row["variant"]: row for row in json.loads((out / "ablation.json").read_text())["rows"]}
+    base, nms = rows["baseline"], rows["nms_0.5"]
+    assert base["error"] is None and nms["error"] is None, (base["error"], nms["error"])
+    assert nms["weights_from"] == "baseline" and nms["checkpoint"] == base["checkpoint"]
+    assert (out / "nms_0.5" / "validate.log").exists() and not (out / "nms_0.5" / "fit.log").exists()
+    assert nms["train_images_per_s"] == base["train_images_per_s"] and nms["run_id"] != base["run_id"]
+    assert all(isinstance(nms[f"val_{m}"], float) for m in ablation.METRICS)
+    assert yaml.safe_load((out / "nms_0.5" / "config.yaml").read_text())["model"]["rpn"]["nms_thresh"] == 0.5
+
+    mlflow.set_tracking_uri(f"sqlite:///{out.resolve() / 'mlruns.db'}")
+    run = mlflow.get_run(nms["run_id"])
+    assert run.info.run_name == "ablation-nms_0.5" and "val/rpn_recall100" in run.data.metrics
+    assert "re-evaluated" in next(line for line in (out / "ablation.md").read_text().splitlines() if line.startswith("| nms_0.5 |"))
+
+
+    rpn_only, full = {"model": {"rpn_only": True}}, {"model": {}}
+    assert ablation.trains_like_baseline(rpn_only, {"model.rpn.nms_thresh": 0.5})
+    assert not ablation.trains_like_baseline(full, {"model.rpn.nms_thresh": 0.5})  # the RoI head trains on proposals
+    assert not ablation.trains_like_baseline(rpn_only, {"model.rpn.sampler": "focal"})
+    assert not ablation.trains_like_baseline(rpn_only, {})
