@@ -400,6 +400,19 @@ def trains_like_baseline(recipe: dict[str, Any], overrides: dict[str, Any]) -> b
     return bool(get_dotted(recipe, "model.rpn_only")) and bool(overrides) and set(overrides) <= PROPOSAL_ONLY_SETTINGS
 
 
+def with_rpn_settings(checkpoint: Path, overrides: dict[str, Any], path: Path) -> Path:
+    """A copy of `checkpoint` at `path` whose stored RPN settings carry the `model.rpn.*` overrides.
+
+    `medrpn validate --ckpt_path` builds the model from the checkpoint's hyperparameters, not from
+    the config (LightningCLI's rule), so the variant's settings must be in the checkpoint it reads.
+    """
+    saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    rpn = {key.removeprefix("model.rpn."): value for key, value in overrides.items()}
+    saved["hyper_parameters"]["rpn"] = {**saved["hyper_parameters"]["rpn"], **rpn}
+    torch.save(saved, path)
+    return path
+
+
 def latest_run_id(tracking_uri: str, run_name: str) -> str:
     """The newest MLflow run named `run_name` in the ablation's experiment."""
     from mlflow.tracking import MlflowClient
@@ -462,8 +475,9 @@ def measure_variant(
             row["changed"] += "; the baseline's weights, re-evaluated (RPN-only training never uses proposals)"
             row["weights_from"] = "baseline"
             print(f"rpn_ablation: {name}: {row['changed']}", flush=True)
+            weights = with_rpn_settings(Path(clock["best_checkpoint"]), overrides, work / "baseline-weights.ckpt")
             code, output, row["fit_wall_s"] = run_medrpn(
-                config_path, work / "validate.log", threads, "--ckpt_path", clock["best_checkpoint"], subcommand="validate"
+                config_path, work / "validate.log", threads, "--ckpt_path", str(weights), subcommand="validate"
             )
             if code != 0:
                 raise RuntimeError(f"medrpn validate exited with status {code} (log: {work / 'validate.log'}):\n{_tail(output)}")

@@ -160,6 +160,7 @@ def test_rpn_only_proposal_variants_re_evaluate_the_baseline_weights(annotations
     mlflow.set_tracking_uri(f"sqlite:///{out.resolve() / 'mlruns.db'}")
     run = mlflow.get_run(nms["run_id"])
     assert run.info.run_name == "ablation-nms_0.5" and "val/rpn_recall100" in run.data.metrics
+    assert run.data.params["model/rpn/nms_thresh"] == "0.5"  # evaluated with the variant's setting, not the baseline's
     assert "re-evaluated" in next(line for line in (out / "ablation.md").read_text().splitlines() if line.startswith("| nms_0.5 |"))
 
 
