@@ -353,19 +353,12 @@ def best_epoch_metrics(tracking_uri: str, run_id: str) -> dict[str, Any]:
     return found
 
 
-def inference_speed(
-    checkpoint: Path, image_size: int, repeats: int = INFER_REPEATS, rpn: dict[str, Any] | None = None
-) -> dict[str, float]:
-    """Images per second of the checkpoint's detector at each of `BATCH_SIZES`, on random images
-    (with `rpn`: these RPN settings over the checkpoint's, e.g. other proposal top-k)."""
+def inference_speed(checkpoint: Path, image_size: int, repeats: int = INFER_REPEATS) -> dict[str, float]:
+    """Images per second of the checkpoint's detector at each of `BATCH_SIZES`, on random images."""
     from medrpn.training import LesionDetectionModule
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    overrides = {}
-    if rpn:
-        saved = torch.load(checkpoint, map_location="cpu", weights_only=True)["hyper_parameters"]["rpn"]
-        overrides["rpn"] = {**saved, **rpn}
-    module = LesionDetectionModule.load_from_checkpoint(checkpoint, map_location="cpu", weights_only=True, **overrides)
+    module = LesionDetectionModule.load_from_checkpoint(checkpoint, map_location="cpu", weights_only=True)
     model = module.model.to(device).eval()
     channels = module.detector_config.backbone.in_channels
     generator = torch.Generator().manual_seed(0)
@@ -475,9 +468,9 @@ def measure_variant(
             row["changed"] += "; the baseline's weights, re-evaluated (RPN-only training never uses proposals)"
             row["weights_from"] = "baseline"
             print(f"rpn_ablation: {name}: {row['changed']}", flush=True)
-            weights = with_rpn_settings(Path(clock["best_checkpoint"]), overrides, work / "baseline-weights.ckpt")
+            evaluated = with_rpn_settings(Path(clock["best_checkpoint"]), overrides, work / "baseline-weights.ckpt")
             code, output, row["fit_wall_s"] = run_medrpn(
-                config_path, work / "validate.log", threads, "--ckpt_path", str(weights), subcommand="validate"
+                config_path, work / "validate.log", threads, "--ckpt_path", str(evaluated), subcommand="validate"
             )
             if code != 0:
                 raise RuntimeError(f"medrpn validate exited with status {code} (log: {work / 'validate.log'}):\n{_tail(output)}")
@@ -489,6 +482,7 @@ def measure_variant(
                 raise RuntimeError(f"medrpn fit exited with status {code} (log: {work / 'fit.log'}):\n{_tail(output)}")
             clock = json.loads((work / "fit_clock.json").read_text())
             run_id = clock["run_id"]
+            evaluated = Path(clock["best_checkpoint"]) if clock["best_checkpoint"] else None
         row.update(
             run_id=run_id,
             epochs=clock["epochs"],
@@ -500,8 +494,7 @@ def measure_variant(
         row.update(best_epoch_metrics(tracking_uri, run_id))
         if not row["checkpoint"]:
             raise RuntimeError("the fit kept no best checkpoint (was val/cpm ever logged?)")
-        rpn = {k.removeprefix("model.rpn."): v for k, v in overrides.items()} if row.get("weights_from") else None
-        row["infer_images_per_s"] = inference_speed(Path(row["checkpoint"]), image_size, rpn=rpn)
+        row["infer_images_per_s"] = inference_speed(evaluated, image_size)  # with the variant's settings
     except Exception as error:  # noqa: BLE001 - one failed variant must not stop the others
         row["error"] = f"{error.__class__.__name__}: {error}" if not isinstance(error, RuntimeError) else str(error)
         print(f"rpn_ablation: {name} FAILED: {_tail(row['error'], 5)}", flush=True)
