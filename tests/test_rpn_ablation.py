@@ -163,7 +163,6 @@ def test_rpn_only_proposal_variants_re_evaluate_the_baseline_weights(annotations
     assert run.data.params["model/rpn/nms_thresh"] == "0.5"  # evaluated with the variant's setting, not the baseline's
     assert "re-evaluated" in next(line for line in (out / "ablation.md").read_text().splitlines() if line.startswith("| nms_0.5 |"))
 
-
     rpn_only, full = {"model": {"rpn_only": True}}, {"model": {}}
     assert ablation.trains_like_baseline(rpn_only, {"model.rpn.nms_thresh": 0.5})
     assert not ablation.trains_like_baseline(full, {"model.rpn.nms_thresh": 0.5})  # the RoI head trains on proposals
