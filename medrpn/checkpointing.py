@@ -15,14 +15,13 @@ of the best validation score, which stays the model logged to MLflow.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
-import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from medrpn.checkpoint_file import read_checkpoint
 from medrpn.errors import MedrpnError
 
 
@@ -80,10 +79,4 @@ def find_last_checkpoint(trainer: Trainer) -> Path | None:
 def checkpoint_run(checkpoint_path: str | Path) -> dict[str, str]:
     """The MLflow run a checkpoint was written by ({"run_id", "experiment_id", "tracking_uri"}; empty
     when it has none), read without running any code from the file."""
-    try:
-        checkpoint: dict[str, Any] = torch.load(checkpoint_path, map_location="cpu", weights_only=True, mmap=True)
-    except FileNotFoundError:
-        raise MedrpnError(f"{checkpoint_path}: checkpoint not found") from None
-    except Exception as error:  # noqa: BLE001 - any unreadable file gets the same clear message
-        raise MedrpnError(f"{checkpoint_path}: not a readable checkpoint ({str(error).splitlines()[0][:200]})") from None
-    return dict(checkpoint.get("mlflow_run") or {})
+    return dict(read_checkpoint(checkpoint_path, mmap=True).get("mlflow_run") or {})

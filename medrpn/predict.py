@@ -42,6 +42,7 @@ from torch.utils.data import DataLoader
 from torchvision.ops import clip_boxes_to_image
 
 from medrpn import __version__
+from medrpn.checkpoint_file import read_checkpoint
 from medrpn.data.io import ReadConfig, read_image
 from medrpn.data.transforms import build_transform, fit_scale
 from medrpn.errors import ConfigError, DataError, MedrpnError
@@ -90,13 +91,8 @@ class PredictReport:
 
 
 def _read_checkpoint(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise MedrpnError(f"{path}: checkpoint not found")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # unpickling refused or a damaged file
-        raise MedrpnError(f"{path}: not a loadable medrpn checkpoint ({error.__class__.__name__}: {error})") from None
-    if not isinstance(checkpoint, dict) or "hyper_parameters" not in checkpoint or "state_dict" not in checkpoint:
+    checkpoint = read_checkpoint(path)
+    if "hyper_parameters" not in checkpoint or "state_dict" not in checkpoint:
         raise MedrpnError(f"{path}: not a medrpn checkpoint (no hyper_parameters/state_dict)")
     return checkpoint
 

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.ops import nms
 
+from medrpn.checkpoint_file import read_checkpoint
 from medrpn.errors import ConfigError, MedrpnError
 from medrpn.model.detector import DetectorOutput
 from medrpn.second_stage.candidates import CANDIDATE_SOURCES, CandidateSource, select_candidates
@@ -161,14 +162,8 @@ def load_second_stage(path: str | Path) -> SecondStage:
     Raises:
         MedrpnError: a missing file, or not a second-stage checkpoint (e.g. a detector's).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise MedrpnError(f"{path}: second-stage checkpoint not found")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # unpickling refused or a damaged file
-        raise MedrpnError(f"{path}: not a loadable checkpoint ({error.__class__.__name__}: {error})") from None
-    if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT:
+    checkpoint = read_checkpoint(path, kind="second-stage checkpoint")
+    if checkpoint.get("format") != FORMAT:
         raise MedrpnError(f"{path}: not a second-stage checkpoint (written by `medrpn fit-crops`)")
     try:
         classifier = CropClassifier(CropClassifierConfig(**checkpoint["classifier"]))
