@@ -353,12 +353,19 @@ def best_epoch_metrics(tracking_uri: str, run_id: str) -> dict[str, Any]:
     return found
 
 
-def inference_speed(checkpoint: Path, image_size: int, repeats: int = INFER_REPEATS) -> dict[str, float]:
-    """Images per second of the checkpoint's detector at each of `BATCH_SIZES`, on random images."""
+def inference_speed(
+    checkpoint: Path, image_size: int, overrides: dict[str, Any] | None = None, repeats: int = INFER_REPEATS
+) -> dict[str, float]:
+    """Images per second of the checkpoint's detector at each of `BATCH_SIZES`, on random images,
+    with the variant's `model.rpn.*` overrides (a re-evaluated variant's proposal settings)."""
     from medrpn.training import LesionDetectionModule
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    module = LesionDetectionModule.load_from_checkpoint(checkpoint, map_location="cpu", weights_only=True)
+    rpn = {key.removeprefix("model.rpn."): value for key, value in (overrides or {}).items() if key.startswith("model.rpn.")}
+    saved = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)["hyper_parameters"]
+    module = LesionDetectionModule.load_from_checkpoint(
+        checkpoint, map_location="cpu", weights_only=True, rpn={**saved["rpn"], **rpn}
+    )
     model = module.model.to(device).eval()
     channels = module.detector_config.backbone.in_channels
     generator = torch.Generator().manual_seed(0)
@@ -391,19 +398,6 @@ def trains_like_baseline(recipe: dict[str, Any], overrides: dict[str, Any]) -> b
     variant changes only proposal settings. Such a variant re-evaluates the baseline's checkpoint
     (`medrpn validate`) instead of training it again; the row says so."""
     return bool(get_dotted(recipe, "model.rpn_only")) and bool(overrides) and set(overrides) <= PROPOSAL_ONLY_SETTINGS
-
-
-def with_rpn_settings(checkpoint: Path, overrides: dict[str, Any], path: Path) -> Path:
-    """A copy of `checkpoint` at `path` whose stored RPN settings carry the `model.rpn.*` overrides.
-
-    `medrpn validate --ckpt_path` builds the model from the checkpoint's hyperparameters, not from
-    the config (LightningCLI's rule), so the variant's settings must be in the checkpoint it reads.
-    """
-    saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    rpn = {key.removeprefix("model.rpn."): value for key, value in overrides.items()}
-    saved["hyper_parameters"]["rpn"] = {**saved["hyper_parameters"]["rpn"], **rpn}
-    torch.save(saved, path)
-    return path
 
 
 def latest_run_id(tracking_uri: str, run_name: str) -> str:
@@ -468,7 +462,7 @@ def measure_variant(
             row["changed"] += "; the baseline's weights, re-evaluated (RPN-only training never uses proposals)"
             row["weights_from"] = "baseline"
             print(f"rpn_ablation: {name}: {row['changed']}", flush=True)
-            evaluated = with_rpn_settings(Path(clock["best_checkpoint"]), overrides, work / "baseline-weights.ckpt")
+            evaluated = Path(clock["best_checkpoint"])  # validated with the variant's config (its RPN settings)
             code, output, row["fit_wall_s"] = run_medrpn(
                 config_path, work / "validate.log", threads, "--ckpt_path", str(evaluated), subcommand="validate"
             )
@@ -494,7 +488,7 @@ def measure_variant(
         row.update(best_epoch_metrics(tracking_uri, run_id))
         if not row["checkpoint"]:
             raise RuntimeError("the fit kept no best checkpoint (was val/cpm ever logged?)")
-        row["infer_images_per_s"] = inference_speed(evaluated, image_size)  # with the variant's settings
+        row["infer_images_per_s"] = inference_speed(evaluated, image_size, overrides)  # with the variant's settings
     except Exception as error:  # noqa: BLE001 - one failed variant must not stop the others
         row["error"] = f"{error.__class__.__name__}: {error}" if not isinstance(error, RuntimeError) else str(error)
         print(f"rpn_ablation: {name} FAILED: {_tail(row['error'], 5)}", flush=True)

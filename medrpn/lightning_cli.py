@@ -21,6 +21,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from medrpn.checkpoint_file import read_checkpoint
 from medrpn.checkpointing import ResumeCheckpoint, checkpoint_run, find_last_checkpoint
 from medrpn.data.datamodule import LesionDataModule
 from medrpn.distributed import lost_peer, rank, watch_launcher
@@ -28,7 +29,7 @@ from medrpn.errors import MedrpnError
 from medrpn.runs import absolute_tracking_uri
 from medrpn.tracking import MLflowConfigLogger, describe_run, mlflow_logger
 from medrpn.tracking_outbox import MLflowLogger
-from medrpn.training import AUTO, LesionDetectionModule
+from medrpn.training import AUTO, LesionDetectionModule, checkpoint_model_settings
 
 
 class MedrpnCLI(LightningCLI):
@@ -51,6 +52,26 @@ class MedrpnCLI(LightningCLI):
                 "trainer.default_root_dir": "runs",
             }
         )
+
+    def _parse_ckpt_path(self) -> None:
+        """With `--ckpt_path`, takes from the checkpoint only the model settings its weights need
+        (and, resuming a fit, the optimiser's); the others stay as configured, and every setting
+        where the two differ is printed with the one used.
+
+        LightningCLI's own version replaces the whole model config with the checkpoint's, so a
+        `validate` or `test` with other proposal, NMS or threshold settings silently ran the
+        trained ones."""
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if not ckpt_path or not Path(ckpt_path).is_file():
+            return
+        saved = read_checkpoint(Path(ckpt_path)).get("hyper_parameters") or {}
+        given = self.config[subcommand].model.as_dict()
+        taken, notes = checkpoint_model_settings(saved, given, resume=subcommand == "fit")
+        if taken:
+            self.config = self.parser.parse_object({subcommand: {"model": taken}}, self.config)
+        if notes and rank() == 0:
+            print(f"medrpn: settings with {ckpt_path}:\n  " + "\n  ".join(notes), flush=True)
 
     def before_instantiate_classes(self) -> None:
         """Refuses sync BN on CPU in one line (torch fails deep inside DDP), and turns

@@ -67,6 +67,66 @@ def _shape_part(key: str, value: Any) -> Any:
     return value
 
 
+def checkpoint_model_settings(saved: dict[str, Any], given: dict[str, Any], resume: bool) -> tuple[dict[str, Any], list[str]]:
+    """Which model settings a run on a checkpoint takes from it, and what it says about the rest.
+
+    The settings that decide the weights' shape or meaning (`_MODEL_SHAPE_KEYS`) come from the
+    checkpoint, since its weights only fit them; when resuming a fit, so does the optimiser's,
+    whose state goes on from the checkpoint. Every other setting (proposal top-k and NMS, score
+    thresholds, sampler, FROC rule) is the one given in the config or on the command line, so
+    `medrpn validate --ckpt_path X --model.rpn.nms_thresh 0.5` evaluates with NMS 0.5. The class
+    names are not taken: they come from the data, and `on_load_checkpoint` refuses other ones.
+
+    Args:
+        saved: the checkpoint's `hyper_parameters`.
+        given: the model settings as configured (`LightningCLI` config of `model`, as a dict).
+        resume: the run goes on training from the checkpoint (`fit --ckpt_path`).
+
+    Returns:
+        The settings to take from the checkpoint (for rpn and roi only their shape fields), and a
+        line for each setting where the checkpoint and the given one differ, saying which is used.
+    """
+    taken: dict[str, Any] = {}
+    for key in (*_MODEL_SHAPE_KEYS, *(("optim",) if resume else ())):
+        if key == "class_names" or key not in saved:
+            continue
+        value = saved[key]
+        if key in _SHAPE_FIELDS and isinstance(value, dict):
+            value = {field: value[field] for field in _SHAPE_FIELDS[key] if field in value}
+        taken[key] = value
+    flat_saved, flat_given, flat_taken = _flatten(saved), _flatten(given), _flatten(taken)
+    notes = [
+        f"model.{key}: {value!r} from the checkpoint, not {given[key]!r}"
+        for key, value in taken.items()
+        if isinstance(value, dict) and key in given and not isinstance(given[key], dict)  # anchors: auto
+    ]
+    for name, saved_value in flat_saved.items():
+        if name not in flat_given or _plain(flat_given[name]) == _plain(saved_value):
+            continue
+        if name in flat_taken:
+            notes.append(f"model.{name}: {saved_value!r} from the checkpoint, not {flat_given[name]!r}")
+        else:
+            notes.append(f"model.{name}: {flat_given[name]!r} as given (the checkpoint was trained with {saved_value!r})")
+    return taken, notes
+
+
+def _flatten(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in settings.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _plain(value: Any) -> Any:
+    """Tuples as lists, so that a checkpoint's settings compare equal to the same ones from YAML."""
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    return value
+
+
 RPN_LOSS_NAMES = ("loss_objectness", "loss_rpn_box_reg")
 LOSS_NAMES = (*RPN_LOSS_NAMES, "loss_classifier", "loss_box_reg")
 RPN_ONLY_CLASS = "lesion"  # the one class an RPN-only model reports (findings, metrics)

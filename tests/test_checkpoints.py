@@ -6,14 +6,15 @@ from __future__ import annotations
 import os
 
 import lightning as L
+import mlflow
 import pytest
 import torch
-from trained_run import TrainedRun, medrpn, trained_run
+from trained_run import RUN_NAME, TrainedRun, medrpn, trained_run
 
 from medrpn.data.datamodule import LesionDataModule
 from medrpn.errors import ConfigError, MedrpnError
 from medrpn.predict import load_checkpoint
-from medrpn.training import LesionDetectionModule
+from medrpn.training import LesionDetectionModule, checkpoint_model_settings
 
 
 class _RunsCode:
@@ -54,8 +55,8 @@ def test_validate_refuses_a_checkpoint_that_carries_code(run, malicious, tmp_pat
 
 
 def test_checkpoint_refuses_a_model_of_another_shape(run):
-    # medrpn validate/test --ckpt_path rebuild the model from the checkpoint's own settings; this
-    # is the path of Python users who restore a checkpoint into a model they configured.
+    # medrpn validate/test --ckpt_path take the weights' settings from the checkpoint; this is the
+    # path of Python users who restore a checkpoint into a model they configured.
     saved = torch.load(run.ckpt, map_location="cpu", weights_only=True)["hyper_parameters"]
     data = LesionDataModule(str(run.annotations), image_size=128, num_workers=0)
     trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_checkpointing=False)
@@ -64,3 +65,45 @@ def test_checkpoint_refuses_a_model_of_another_shape(run):
         trainer.validate(other, datamodule=data, ckpt_path=str(run.ckpt), verbose=False)
     same_shape = LesionDetectionModule(**{**saved, "roi": {**saved["roi"], "nms_thresh": 0.3}})
     trainer.validate(same_shape, datamodule=data, ckpt_path=str(run.ckpt), verbose=False)  # thresholds may differ
+
+
+def test_validate_takes_the_weights_settings_from_the_checkpoint_and_the_rest_as_given(run):
+    # The config lacks the fit's fpn_channels 32 and planned anchors (given on its command line);
+    # the command line here asks for one proposal per image.
+    result = medrpn(
+        "validate", "--config", str(run.config), "--ckpt_path", str(run.ckpt),
+        "--model.rpn.post_nms_top_n_test", "1", "--trainer.logger.init_args.run_name", "validate-top1", cwd=run.work,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "model.backbone.fpn_channels: 32 from the checkpoint, not 64" in result.stdout
+    assert "model.anchors.sizes: " in result.stdout
+    assert "model.rpn.post_nms_top_n_test: 1 as given (the checkpoint was trained with 100)" in result.stdout
+    client = mlflow.MlflowClient(tracking_uri=run.tracking_uri)
+    runs = {r.info.run_name: r.data.metrics for r in client.search_runs(client.get_experiment_by_name("medrpn-demo").experiment_id)}
+    assert runs["validate-top1"]["val/rpn_recall100"] < runs[RUN_NAME]["val/rpn_recall100"]
+
+
+def test_checkpoint_model_settings_split_what_the_weights_need_from_what_is_given():
+    saved = {
+        "class_names": ["nodule"], "backbone": {"name": "resnet18", "fpn_channels": 32},
+        "anchors": {"sizes": [[16.0]], "aspect_ratios": (1.0,)}, "rpn": {"conv_depth": 1, "nms_thresh": 0.7},
+        "optim": {"lr": 0.001},
+    }
+    given = {
+        "backbone": {"name": "resnet18", "fpn_channels": 64}, "anchors": "auto",
+        "rpn": {"conv_depth": 1, "nms_thresh": 0.5}, "optim": {"lr": 0.01},
+    }
+    taken, notes = checkpoint_model_settings(saved, given, resume=False)
+    assert taken == {"backbone": saved["backbone"], "anchors": saved["anchors"], "rpn": {"conv_depth": 1}}
+    assert sorted(notes) == sorted([
+        "model.anchors: {'sizes': [[16.0]], 'aspect_ratios': (1.0,)} from the checkpoint, not 'auto'",
+        "model.backbone.fpn_channels: 32 from the checkpoint, not 64",
+        "model.rpn.nms_thresh: 0.5 as given (the checkpoint was trained with 0.7)",
+        "model.optim.lr: 0.01 as given (the checkpoint was trained with 0.001)",
+    ])
+    # resuming a fit goes on with the checkpoint's optimiser state, so its settings too
+    taken, notes = checkpoint_model_settings(saved, given, resume=True)
+    assert taken["optim"] == {"lr": 0.001} and "model.optim.lr: 0.001 from the checkpoint, not 0.01" in notes
+    # a YAML list equals the checkpoint's tuple: nothing to say when nothing differs
+    same = {"anchors": {"sizes": [[16.0]], "aspect_ratios": [1.0]}}
+    assert checkpoint_model_settings({"anchors": saved["anchors"]}, same, resume=False)[1] == []
