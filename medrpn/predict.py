@@ -238,7 +238,7 @@ def predict_files(
         print(f"skipped {path}: {reason}", flush=True)
     for path, note in scan.notes:
         print(f"note: {path}: {note}", flush=True)
-    studies = _plan(scan, output, model, overwrite, report)
+    studies = _plan(scan, output, model, overwrite, proposals, report)
     workers = default_num_workers() if num_workers is None else int(num_workers)
     _detect_and_write(module, studies, model, image_size, read_config, batch_size, workers, report, proposals=proposals, second_stage=stage)
 
@@ -286,9 +286,10 @@ def _load_second_stage(
 
 
 def _plan(
-    scan: Scan, output: Path, model: ModelInfo, overwrite: bool, report: PredictReport
+    scan: Scan, output: Path, model: ModelInfo, overwrite: bool, proposals: bool, report: PredictReport
 ) -> list[tuple[InputGroup, StudyOutputs]]:
-    """The groups to analyse, each with its writer; groups with existing outputs are kept unless ``overwrite``."""
+    """The groups to analyse, each with its writer; groups with existing outputs are kept unless
+    ``overwrite``, which also removes an earlier run's proposals.json when this one writes none."""
     studies = []
     for group in scan.groups:
         folder = output / group.folder
@@ -299,6 +300,9 @@ def _plan(
             continue
         if existing:
             print(f"replacing existing outputs in {folder}", flush=True)
+            if not proposals and (folder / PROPOSALS_NAME).exists():
+                (folder / PROPOSALS_NAME).unlink()  # another run's candidates, maybe of another model
+                print(f"removed the earlier run's {PROPOSALS_NAME} in {folder} (--proposals writes new ones)", flush=True)
         studies.append((group, StudyOutputs(folder, model, group.study_instance_uid)))
     return studies
 

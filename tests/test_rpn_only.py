@@ -224,6 +224,16 @@ def test_a_full_detector_also_exports_its_proposals(tmp_path):
     findings = json.loads((tmp_path / "out" / "findings.json").read_text())
     assert findings["model"]["class_names"] == ["nodule", "spiculated"]
 
+    # a later run without --proposals keeps the folder as it is, or with --overwrite replaces all of
+    # it: an earlier run's proposals must not stay beside new findings as if they were theirs
+    with redirect_stdout(io.StringIO()) as printed:
+        kept = predict_files(ckpt, tmp_path / "in", tmp_path / "out", num_workers=0)
+    assert kept.kept == [tmp_path / "out"] and (tmp_path / "out" / "proposals.json").exists()
+    with redirect_stdout(io.StringIO()) as printed:
+        predict_files(ckpt, tmp_path / "in", tmp_path / "out", num_workers=0, overwrite=True)
+    assert not (tmp_path / "out" / "proposals.json").exists() and (tmp_path / "out" / "findings.json").exists()
+    assert "removed the earlier run's proposals.json" in printed.getvalue()
+
 
 def test_proposals_move_to_original_pixels_and_millimetres(tmp_path):
     # rows are 0.7 mm apart, columns 0.4 mm; the network saw the image at half size

@@ -28,6 +28,7 @@ from pydicom.dataset import Dataset
 from medrpn.outputs.findings import ImageFindings, ModelInfo, write_findings_json
 from medrpn.outputs.gsps import build_presentation_states
 from medrpn.outputs.overlay import write_overlay_png
+from medrpn.outputs.proposals import PROPOSALS_NAME
 from medrpn.outputs.references import missing_uids
 from medrpn.outputs.sr import build_measurement_report, write_dicom
 
@@ -42,10 +43,11 @@ def gsps_name(index: int) -> str:
 
 
 def existing_outputs(folder: Path, overlays: list[str]) -> list[Path]:
-    """The files a study's outputs would replace in ``folder`` (its findings.json, SR, GSPS, overlays)."""
+    """The files a study's outputs would replace in ``folder`` (its findings.json, SR, GSPS,
+    overlays, proposals.json)."""
     if not folder.is_dir():
         return []
-    names = [FINDINGS_NAME, SR_NAME, *overlays]
+    names = [FINDINGS_NAME, SR_NAME, PROPOSALS_NAME, *overlays]
     found = [folder / n for n in names if (folder / n).exists()]
     return found + sorted(folder.glob(GSPS_GLOB))
 
