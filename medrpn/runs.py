@@ -106,11 +106,16 @@ def new_run(client: MlflowClient, experiment_name: str, run_name: str, tags: dic
     if experiment is not None:
         experiment_id = experiment.experiment_id
     else:
-        location = None
-        if client.tracking_uri.startswith("sqlite:///"):
-            location = (Path(client.tracking_uri[len("sqlite:///") :]).resolve().parent / "mlruns").as_uri()
-        experiment_id = client.create_experiment(experiment_name, artifact_location=location)
+        experiment_id = client.create_experiment(experiment_name, artifact_location=artifact_location(client.tracking_uri))
     return client.create_run(experiment_id, run_name=run_name, tags=tags or {}).info.run_id
+
+
+def artifact_location(tracking_uri: str) -> str | None:
+    """Where a new experiment of the store at ``tracking_uri`` keeps its artifacts: ``mlruns/``
+    beside an SQLite file; None (the server's choice) for other stores."""
+    if tracking_uri.startswith("sqlite:///"):
+        return (Path(tracking_uri[len("sqlite:///") :]).resolve().parent / "mlruns").as_uri()
+    return None
 
 
 def resolve_run(client: MlflowClient, ref: str) -> tuple[Run, str | None]:

@@ -272,6 +272,26 @@ def test_fit_crops_writes_a_plain_checkpoint_and_prints_both_rows(fitted, run):
     assert _rows(out, "all: + second stage")[-1] == pytest.approx(checkpoint["validation"]["second_stage"]["cpm"], abs=1e-3)
 
 
+def test_fit_crops_is_an_mlflow_run_beside_the_detectors(fitted, run):
+    import mlflow
+
+    path, out = fitted
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    client = mlflow.MlflowClient(tracking_uri=run.tracking_uri)  # the detector's store: it names no other
+    (crop_run,) = client.search_runs([client.get_experiment_by_name("medrpn-second-stage").experiment_id])
+    run_id = crop_run.info.run_id
+    assert checkpoint["mlflow_run"]["run_id"] == run_id and f"MLflow run {run_id}" in out
+    detector_run = torch.load(run.ckpt, map_location="cpu", weights_only=True)["mlflow_run"]["run_id"]
+    assert crop_run.data.tags["medrpn.detector_run"] == detector_run
+    assert crop_run.data.params["candidates"] == "proposals" and crop_run.data.params["epochs"] == "2"
+    metrics = crop_run.data.metrics
+    for name in ("detector", "second_stage"):
+        assert metrics[f"val/{name}/cpm"] == pytest.approx(checkpoint["validation"][name]["cpm"])
+    assert len(client.get_metric_history(run_id, "train/loss")) == 2 and "val/accuracy" in metrics  # per epoch
+    artifacts = {a.path for a in client.list_artifacts(run_id, "second_stage")}
+    assert artifacts == {"second_stage/crops.ckpt", "second_stage/validation.txt"}
+
+
 def test_fit_crops_explains_when_there_is_nothing_to_learn_from(run, tmp_path, capsys):
     with pytest.raises(SystemExit):
         medrpn_main(["fit-crops", "--ckpt", str(run.ckpt), "--config", str(run.config),
@@ -329,7 +349,7 @@ def test_an_rpn_only_detector_gets_a_second_stage_for_the_data_classes(run, tmp_
                 "hyper_parameters": dict(module.hparams), "datamodule_hyper_parameters": data_settings}, detector)
     crops = tmp_path / "crops.ckpt"
     medrpn_main(["fit-crops", "--ckpt", str(detector), "--config", str(run.config), "--output", str(crops),
-                 "--epochs", "1", "--crop-size", "32"])
+                 "--epochs", "1", "--crop-size", "32", "--tracking-uri", f"sqlite:///{tmp_path / 'crops.db'}"])
     out = capsys.readouterr().out
     assert "detections are its proposals: using --candidates proposals" in out
     checkpoint = torch.load(crops, map_location="cpu", weights_only=True)

@@ -10,14 +10,22 @@ reports its loss on the validation ones. Then the validation split is measured w
 the second stage, the operating point of the re-scored output is picked there (for the
 detector's ``operating_fp_per_image``), and everything is written as one plain checkpoint
 (``torch.load(..., weights_only=True)``) for ``medrpn predict/evaluate --second-stage``.
+
+Each call is an MLflow run of experiment ``medrpn-second-stage`` (in the detector run's store
+unless ``--tracking-uri`` names another): its settings, the crop counts, the classifier's loss and
+accuracy per epoch, the validation figures of the detector alone (``val/detector/...``) and with
+the second stage (``val/second_stage/...``), the comparison table and the checkpoint. The run is
+tagged with the detector's checkpoint and run, so the two can be found from each other.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import shutil
+import tempfile
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +33,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
+from medrpn import runs
 from medrpn.data.batch import collate_detection
 from medrpn.data.dataset import DetectionDataset
 from medrpn.data.transforms import build_transform
@@ -37,8 +46,10 @@ from medrpn.second_stage.dataset import CropSet, collect_crops
 from medrpn.second_stage.evaluation import compare_second_stage, comparison_table
 from medrpn.second_stage.rescoring import COMBINES, MODES, SecondStage, SecondStageSettings, save_second_stage
 from medrpn.second_stage.training import CropClassifierModule, balanced_class_weights
+from medrpn.tracking_outbox import MLflowLogger
 
 BATCH_SIZE = 128  # crops per training step
+EXPERIMENT = "medrpn-second-stage"
 
 
 @dataclass
@@ -48,6 +59,8 @@ class FitCropsResult:
     without a validation split)."""
 
     path: Path
+    run_id: str
+    tracking_uri: str
     settings: SecondStageSettings
     class_names: list[str]
     train_counts: list[int]
@@ -84,6 +97,7 @@ def fit_crops(
     epochs: int = 30,
     settings: SecondStageSettings = SecondStageSettings(),
     seed: int = 0,
+    tracking_uri: str | None = None,
 ) -> FitCropsResult:
     """Trains a second stage for the detector ``ckpt`` on the data of ``config``; writes ``output``.
 
@@ -94,6 +108,7 @@ def fit_crops(
         epochs: passes over the training crops.
         settings: candidates, crop geometry and re-scoring.
         seed: of the classifier's initialisation, shuffling and flips.
+        tracking_uri: MLflow store of the run; default: the detector's run's, else ./mlruns.db.
     """
     from medrpn.evaluate import load_checkpoint_and_data
 
@@ -118,10 +133,17 @@ def fit_crops(
     has_val = bool(datamodule.splits["val"])
     val_crops = collect_crops(detector, settings, _split_loader(datamodule, "val"), add_ground_truth=False) if has_val else None
     training = CropClassifierModule(classifier_config, class_weights=balanced_class_weights(train_counts))
+    val_counts = val_crops.counts(len(class_names)) if val_crops is not None else []
+    logger = _run_logger(ckpt, module.mlflow_run, tracking_uri)
+    logger.log_hyperparams({
+        "detector_checkpoint": str(ckpt.resolve()), "epochs": epochs, "seed": seed, **asdict(settings),
+        "classifier": asdict(classifier_config), "train_crops": _counts(train_counts, ["background", *class_names]),
+        "val_crops": _counts(val_counts, ["background", *class_names]) if val_counts else "none",
+    })
 
     trainer = L.Trainer(
-        max_epochs=epochs, accelerator="auto", devices=1, logger=False, enable_checkpointing=False,
-        enable_model_summary=False, enable_progress_bar=False, num_sanity_val_steps=0,
+        max_epochs=epochs, accelerator="auto", devices=1, logger=logger, enable_checkpointing=False,
+        enable_model_summary=False, enable_progress_bar=False, num_sanity_val_steps=0, log_every_n_steps=1,
     )
     train_loader = DataLoader(train_crops.dataset(), batch_size=BATCH_SIZE, shuffle=True)
     val_loader = DataLoader(val_crops.dataset(), batch_size=4 * BATCH_SIZE) if val_crops is not None and len(val_crops) else None
@@ -146,9 +168,33 @@ def fit_crops(
             "second_stage": {k: float(v) for k, v in with_stage.scalars.items()},
             "val_loss": float(trainer.callback_metrics.get("val/loss", float("nan"))),
         }
+    extra["mlflow_run"] = {"run_id": logger.run_id, "tracking_uri": logger._tracking_uri}
     path = save_second_stage(stage.cpu(), output, extra)
-    val_counts = val_crops.counts(len(class_names)) if val_crops is not None else []
-    return FitCropsResult(path, settings, class_names, train_counts, val_counts, alone, with_stage)
+    _log_results(logger, path, alone, with_stage)
+    return FitCropsResult(path, logger.run_id, logger._tracking_uri, settings, class_names, train_counts, val_counts, alone, with_stage)
+
+
+def _run_logger(ckpt: Path, detector_run: dict[str, Any] | None, tracking_uri: str | None) -> MLflowLogger:
+    """The MLflow run of this fit (Lightning's logger, with medrpn's outbox if a server goes away)."""
+    uri = runs.absolute_tracking_uri(tracking_uri or (detector_run or {}).get("tracking_uri") or runs.DEFAULT_TRACKING_URI)
+    tags = {"medrpn.detector_checkpoint": str(ckpt.resolve())}
+    if detector_run and detector_run.get("run_id"):
+        tags["medrpn.detector_run"] = str(detector_run["run_id"])
+    return MLflowLogger(
+        experiment_name=EXPERIMENT, run_name=f"fit-crops {ckpt.name}", tracking_uri=uri, tags=tags,
+        artifact_location=runs.artifact_location(uri),
+    )
+
+
+def _log_results(logger: MLflowLogger, path: Path, alone: EvaluationReport | None, with_stage: EvaluationReport | None) -> None:
+    """The validation figures, the comparison table and the checkpoint, into the fit's run."""
+    with tempfile.TemporaryDirectory() as tmp:
+        shutil.copy2(path, Path(tmp) / path.name)
+        if alone is not None and with_stage is not None:
+            logger.log_metrics({f"val/detector/{k}": float(v) for k, v in alone.scalars.items() if v == v})
+            logger.log_metrics({f"val/second_stage/{k}": float(v) for k, v in with_stage.scalars.items() if v == v})
+            (Path(tmp) / "validation.txt").write_text(comparison_table(alone, with_stage) + "\n")
+        logger.log_artifacts(tmp, "second_stage")
 
 
 def main(argv: list[str]) -> None:
@@ -175,13 +221,15 @@ def main(argv: list[str]) -> None:
                         help=f"context on each side, as a fraction of the box side (default: {defaults.margin:g})")
     parser.add_argument("--min-score", type=float, default=defaults.min_score,
                         help=f"candidates scoring less are left out (default: {defaults.min_score:g})")
+    parser.add_argument("--tracking-uri", default=None,
+                        help="MLflow store of the run (default: the detector's run's store, else sqlite:///mlruns.db)")
     args = parser.parse_args(argv)
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     settings = SecondStageSettings(
         candidates=args.candidates, mode=args.mode, combine=args.combine,
         crop_size=args.crop_size, margin=args.margin, min_score=args.min_score,
     )
-    result = fit_crops(args.ckpt, args.config, args.output, args.epochs, settings)
+    result = fit_crops(args.ckpt, args.config, args.output, args.epochs, settings, tracking_uri=args.tracking_uri)
     names = ["background", *result.class_names]
     s = result.settings
     print(f"medrpn fit-crops: {args.ckpt} ({s.candidates}, {s.mode}, {s.crop_size} px crops, margin {s.margin:g})")
@@ -196,7 +244,8 @@ def main(argv: list[str]) -> None:
         if op is not None:
             print(f"Operating point with the second stage: score >= {op.score_threshold:.4g}, {op.fp_per_image:.3f} FP/image, "
                   f"sensitivity {op.sensitivity:.3f}")
-    print(f"\nWritten {result.path} (use: medrpn evaluate/predict ... --second-stage {result.path})", flush=True)
+    print(f"\nWritten {result.path} (use: medrpn evaluate/predict ... --second-stage {result.path})")
+    print(f"MLflow run {result.run_id} (experiment '{EXPERIMENT}') in {result.tracking_uri}", flush=True)
 
 
 def _counts(counts: list[int], names: list[str]) -> str:
