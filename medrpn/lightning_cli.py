@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import pickle
 import signal
+import sys
 from pathlib import Path
 
 from jsonargparse import Namespace, lazy_instance
@@ -74,13 +75,22 @@ class MedrpnCLI(LightningCLI):
             print(f"medrpn: settings with {ckpt_path}:\n  " + "\n  ".join(notes), flush=True)
 
     def before_instantiate_classes(self) -> None:
-        """Refuses sync BN on CPU in one line (torch fails deep inside DDP), and turns
-        `model.anchors: auto` into the anchors planned from the training boxes (`medrpn plan`), so
-        the run's config, its MLflow parameters and its checkpoints hold the chosen ones."""
+        """Refuses sync BN on CPU in one line (torch fails deep inside DDP), warns of bf16 on a CPU
+        that emulates it, and turns `model.anchors: auto` into the anchors planned from the
+        training boxes (`medrpn plan`), so the run's config, its MLflow parameters and its
+        checkpoints hold the chosen ones."""
         config = self.config[self.subcommand] if self.subcommand else self.config
         trainer = config.trainer
-        if trainer.sync_batchnorm and (trainer.accelerator == "cpu" or (trainer.accelerator == "auto" and not _has_gpu())):
+        on_cpu = trainer.accelerator == "cpu" or (trainer.accelerator == "auto" and not _has_gpu())
+        if trainer.sync_batchnorm and on_cpu:
             raise MedrpnError("trainer.sync_batchnorm needs GPUs (torch's SyncBatchNorm has no CPU version): leave it off on CPU")
+        if on_cpu and "bf16" in str(trainer.precision) and not cpu_has_bf16():
+            print(
+                f"medrpn: warning: trainer.precision {trainer.precision} on a CPU without bf16 instructions "
+                "(AVX512-BF16 or AMX): torch emulates them, which made training about 30x slower than "
+                "32-true on such a CPU; use --trainer.precision 32-true here",
+                file=sys.stderr, flush=True,
+            )
         if config.model.anchors != AUTO:
             return
         from medrpn.plan import plan_for_config
@@ -145,6 +155,13 @@ def _has_gpu() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bfloat16 in hardware (oneDNN's own test)."""
+    import torch
+
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def run(argv: list[str] | None) -> None:

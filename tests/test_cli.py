@@ -160,3 +160,14 @@ def test_sync_batchnorm_on_cpu_is_a_clear_error(tmp_path):
     )
     assert result.returncode == 2
     assert "trainer.sync_batchnorm needs GPUs" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_bf16_on_a_cpu_that_emulates_it_is_warned_of(tmp_path):
+    from medrpn.lightning_cli import cpu_has_bf16
+
+    result = _medrpn(
+        "fit", "--config", str(REPO / "configs" / "demo.yaml"), "--trainer.accelerator", "cpu",
+        "--trainer.precision", "bf16-mixed", "--data.annotations", "missing.csv", cwd=tmp_path,
+    )
+    assert result.returncode == 2 and "missing.csv" in result.stderr  # the run stops at the data, after the check
+    assert ("trainer.precision bf16-mixed on a CPU without bf16 instructions" in result.stderr) == (not cpu_has_bf16())
