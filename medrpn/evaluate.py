@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import yaml
 
+from medrpn.checkpoint_file import read_checkpoint
 from medrpn.errors import ConfigError, MedrpnError
 from medrpn.metrics.report import EvaluationReport
 
@@ -119,7 +120,7 @@ def load_checkpoint_and_data(ckpt: str | Path, config: str | Path) -> tuple[Lesi
     config = _read_config(config_path)
     model_settings = _section(config, "model")
     module = _load_module(ckpt, {k: model_settings[k] for k in METRIC_SETTINGS if k in model_settings})
-    stored = torch.load(ckpt, map_location="cpu", weights_only=True).get("datamodule_hyper_parameters", {})
+    stored = read_checkpoint(ckpt, mmap=True).get("datamodule_hyper_parameters") or {}
     datamodule = _datamodule(config, {k: v for k, v in stored.items() if not k.startswith("_")})
     datamodule.setup("test")
     return module, datamodule
