@@ -57,6 +57,15 @@ _SHAPE_FIELDS = {
     "rpn": ("objectness", "conv_depth"),
     "roi": ("output_size", "sampling_ratio", "representation_size"),
 }
+# Settings only training reads (anchor matching, sampling, losses, optimiser): nothing to say about
+# them when a checkpoint is only evaluated.
+_TRAINING_ONLY = (
+    *(f"rpn.{k}" for k in ("fg_iou_thresh", "bg_iou_thresh", "batch_size_per_image", "positive_fraction",
+                            "pre_nms_top_n_train", "post_nms_top_n_train", "sampler", "hard_negative_pool",
+                            "focal_alpha", "focal_gamma")),
+    *(f"roi.{k}" for k in ("fg_iou_thresh", "bg_iou_thresh", "batch_size_per_image", "positive_fraction")),
+    "anchors_per_position",
+)
 
 
 def _shape_part(key: str, value: Any) -> Any:
@@ -84,7 +93,8 @@ def checkpoint_model_settings(saved: dict[str, Any], given: dict[str, Any], resu
 
     Returns:
         The settings to take from the checkpoint (for rpn and roi only their shape fields), and a
-        line for each setting where the checkpoint and the given one differ, saying which is used.
+        line for each setting where the checkpoint and the given one differ, saying which is used
+        (without resuming, none for the settings only training reads).
     """
     taken: dict[str, Any] = {}
     for key in (*_MODEL_SHAPE_KEYS, *(("optim",) if resume else ())):
@@ -102,6 +112,8 @@ def checkpoint_model_settings(saved: dict[str, Any], given: dict[str, Any], resu
     ]
     for name, saved_value in flat_saved.items():
         if name not in flat_given or _plain(flat_given[name]) == _plain(saved_value):
+            continue
+        if not resume and (name in _TRAINING_ONLY or name.startswith("optim.")):
             continue
         if name in flat_taken:
             notes.append(f"model.{name}: {saved_value!r} from the checkpoint, not {flat_given[name]!r}")

@@ -86,12 +86,13 @@ def test_validate_takes_the_weights_settings_from_the_checkpoint_and_the_rest_as
 def test_checkpoint_model_settings_split_what_the_weights_need_from_what_is_given():
     saved = {
         "class_names": ["nodule"], "backbone": {"name": "resnet18", "fpn_channels": 32},
-        "anchors": {"sizes": [[16.0]], "aspect_ratios": (1.0,)}, "rpn": {"conv_depth": 1, "nms_thresh": 0.7},
+        "anchors": {"sizes": [[16.0]], "aspect_ratios": (1.0,)},
+        "rpn": {"conv_depth": 1, "nms_thresh": 0.7, "sampler": "balanced"},
         "optim": {"lr": 0.001},
     }
     given = {
         "backbone": {"name": "resnet18", "fpn_channels": 64}, "anchors": "auto",
-        "rpn": {"conv_depth": 1, "nms_thresh": 0.5}, "optim": {"lr": 0.01},
+        "rpn": {"conv_depth": 1, "nms_thresh": 0.5, "sampler": "focal"}, "optim": {"lr": 0.01},
     }
     taken, notes = checkpoint_model_settings(saved, given, resume=False)
     assert taken == {"backbone": saved["backbone"], "anchors": saved["anchors"], "rpn": {"conv_depth": 1}}
@@ -99,11 +100,11 @@ def test_checkpoint_model_settings_split_what_the_weights_need_from_what_is_give
         "model.anchors: {'sizes': [[16.0]], 'aspect_ratios': (1.0,)} from the checkpoint, not 'auto'",
         "model.backbone.fpn_channels: 32 from the checkpoint, not 64",
         "model.rpn.nms_thresh: 0.5 as given (the checkpoint was trained with 0.7)",
-        "model.optim.lr: 0.01 as given (the checkpoint was trained with 0.001)",
-    ])
+    ])  # the sampler and the optimiser only matter to training: nothing said of them
     # resuming a fit goes on with the checkpoint's optimiser state, so its settings too
     taken, notes = checkpoint_model_settings(saved, given, resume=True)
     assert taken["optim"] == {"lr": 0.001} and "model.optim.lr: 0.001 from the checkpoint, not 0.01" in notes
+    assert "model.rpn.sampler: 'focal' as given (the checkpoint was trained with 'balanced')" in notes
     # a YAML list equals the checkpoint's tuple: nothing to say when nothing differs
     same = {"anchors": {"sizes": [[16.0]], "aspect_ratios": [1.0]}}
     assert checkpoint_model_settings({"anchors": saved["anchors"]}, same, resume=False)[1] == []
