@@ -66,7 +66,7 @@ class MedrpnCLI(LightningCLI):
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if not ckpt_path or not Path(ckpt_path).is_file():
             return
-        saved = read_checkpoint(Path(ckpt_path)).get("hyper_parameters") or {}
+        saved = read_checkpoint(Path(ckpt_path), mmap=True).get("hyper_parameters") or {}  # weights: Lightning's load
         given = self.config[subcommand].model.as_dict()
         taken, notes = checkpoint_model_settings(saved, given, resume=subcommand == "fit")
         if taken:

@@ -226,7 +226,7 @@ def test_a_full_detector_also_exports_its_proposals(tmp_path):
 
     # a later run without --proposals keeps the folder as it is, or with --overwrite replaces all of
     # it: an earlier run's proposals must not stay beside new findings as if they were theirs
-    with redirect_stdout(io.StringIO()) as printed:
+    with redirect_stdout(io.StringIO()):
         kept = predict_files(ckpt, tmp_path / "in", tmp_path / "out", num_workers=0)
     assert kept.kept == [tmp_path / "out"] and (tmp_path / "out" / "proposals.json").exists()
     with redirect_stdout(io.StringIO()) as printed:
