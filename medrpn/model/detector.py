@@ -23,6 +23,7 @@ and out; nothing outside this file sees that.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -32,6 +33,7 @@ from torchvision.ops import batched_nms
 
 from medrpn.model.anchors import AnchorConfig, build_anchor_generator
 from medrpn.model.backbone import BackboneConfig, build_backbone
+from medrpn.model.flip_proposals import flip_images, merge_proposals, unflip_boxes
 from medrpn.model.roi_heads import RoIConfig, build_roi_heads
 from medrpn.model.rpn import RPNConfig, build_rpn
 
@@ -83,6 +85,9 @@ class LesionDetector(nn.Module):
             detections are its proposals (label 0, score = objectness probability).
         pixel_mean, pixel_std: input standardisation.
         cross_class_nms_thresh: see `DetectorConfig`.
+        test_flips: in eval mode, also propose on these mirrored copies of the images and merge
+            (`RPNConfig.test_flips`; the RoI heads then score the merged proposals on the
+            original image's features).
     """
 
     def __init__(
@@ -93,6 +98,7 @@ class LesionDetector(nn.Module):
         pixel_mean: float = 0.5,
         pixel_std: float = 0.25,
         cross_class_nms_thresh: float = 0.5,
+        test_flips: Sequence[str] = (),
     ) -> None:
         super().__init__()
         self.backbone = backbone
@@ -101,6 +107,7 @@ class LesionDetector(nn.Module):
         self.pixel_mean = pixel_mean
         self.pixel_std = pixel_std
         self.cross_class_nms_thresh = cross_class_nms_thresh
+        self.test_flips = list(test_flips)
 
     @property
     def rpn_only(self) -> bool:
@@ -125,6 +132,8 @@ class LesionDetector(nn.Module):
             internal_targets = [{"boxes": t["boxes"], "labels": t["labels"] + 1} for t in targets]
         features = self.backbone(image_list.tensors)
         proposals, proposal_scores, rpn_losses = self.rpn(image_list, features, internal_targets)
+        if not self.training and self.test_flips:
+            proposals, proposal_scores = self._with_flipped_proposals(image_list, proposals, proposal_scores)
         if self.roi_heads is None:
             if self.training:
                 return DetectorOutput(losses=rpn_losses)
@@ -139,6 +148,20 @@ class LesionDetector(nn.Module):
         return DetectorOutput(
             detections=[self._finish(d) for d in detections], proposals=proposals, proposal_scores=proposal_scores
         )
+
+    def _with_flipped_proposals(
+        self, image_list: ImageList, proposals: list[Tensor], scores: list[Tensor]
+    ) -> tuple[list[Tensor], list[Tensor]]:
+        """The proposals of the image and of each of its `test_flips`, merged per image."""
+        height, width = image_list.tensors.shape[-2:]
+        views = [list(zip(proposals, scores))]
+        for flip in self.test_flips:
+            flipped = ImageList(flip_images(image_list.tensors, flip), image_list.image_sizes)
+            boxes, flipped_scores, _ = self.rpn(flipped, self.backbone(flipped.tensors))
+            views.append([(unflip_boxes(b, flip, height, width), s) for b, s in zip(boxes, flipped_scores)])
+        top_n = self.rpn.post_nms_top_n()
+        merged = [merge_proposals(per_image, self.rpn.nms_thresh, top_n) for per_image in zip(*views)]
+        return [b for b, _ in merged], [s for _, s in merged]
 
     def _finish(self, detection: dict[str, Tensor]) -> dict[str, Tensor]:
         boxes, scores, labels = detection["boxes"], detection["scores"], detection["labels"] - 1
@@ -165,4 +188,5 @@ def build_detector(config: DetectorConfig) -> LesionDetector:
         pixel_mean=config.pixel_mean,
         pixel_std=config.pixel_std,
         cross_class_nms_thresh=config.cross_class_nms_thresh,
+        test_flips=config.rpn.test_flips,
     )

@@ -16,7 +16,7 @@ design choices below need, and with the default settings gives exactly torchvisi
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -26,6 +26,7 @@ from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead, concat_box_prediction_layers
 
 from medrpn.errors import ConfigError
+from medrpn.model.flip_proposals import FLIP_DIMS
 from medrpn.model.rpn_losses import HardNegativeRPNSampler, focal_losses, object_logit, sampled_losses
 
 OBJECTNESS = ("sigmoid", "softmax")
@@ -54,6 +55,9 @@ class RPNConfig:
         hard_negative_pool: hard_negative only: negatives are drawn at random among the
             `pool x needed` highest-scoring ones (1 = exactly the highest-scoring).
         focal_alpha / focal_gamma: focal only: weight of positives and focusing exponent.
+        test_flips: at test time also propose on these mirrored copies of the image
+            ("horizontal", "vertical") and merge the proposals by NMS (see `flip_proposals`);
+            one more backbone and RPN pass per flip. Empty: the image alone (torchvision).
     """
 
     fg_iou_thresh: float = 0.7
@@ -72,6 +76,7 @@ class RPNConfig:
     hard_negative_pool: float = 10.0
     focal_alpha: float = 0.25
     focal_gamma: float = 2.0
+    test_flips: list[str] = field(default_factory=list)
 
 
 class LesionRPN(RegionProposalNetwork):
@@ -180,6 +185,10 @@ def validate(config: RPNConfig) -> None:
         raise ConfigError(f"rpn.focal_alpha must be in [0, 1], got {config.focal_alpha}")
     if config.focal_gamma < 0:
         raise ConfigError(f"rpn.focal_gamma must be >= 0, got {config.focal_gamma}")
+    for flip in config.test_flips:
+        _check_choice("test_flips", flip, tuple(FLIP_DIMS))
+    if len(set(config.test_flips)) != len(config.test_flips):
+        raise ConfigError(f"rpn.test_flips: each flip once, got {list(config.test_flips)}")
 
 
 def build_head(config: RPNConfig, in_channels: int, num_anchors: int) -> RPNHead:
