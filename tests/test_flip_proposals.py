@@ -11,12 +11,7 @@ from medrpn.model import AnchorConfig, BackboneConfig, DetectorConfig, RoIConfig
 from medrpn.model.flip_proposals import flip_images, merge_proposals, unflip_boxes
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def detector(test_flips: list[str], rpn_only: bool = False) -> torch.nn.Module:

@@ -21,13 +21,7 @@ from medrpn.model.rpn_losses import focal_losses, object_logit
 BOX = torch.tensor([[24.0, 20.0, 40.0, 36.0]])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Same arithmetic (so the same training runs) on every machine, and no fight over shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_detector(anchors: AnchorConfig | None = None, **rpn) -> torch.nn.Module:

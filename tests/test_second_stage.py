@@ -35,14 +35,7 @@ from trained_run import TrainedRun, trained_run
 CLASSES = ["nodule", "spiculated"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small convolutions on a CPU that other processes share run far faster on one thread (here
-    40x: the second thread mostly waits for a core); the setting is put back afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _ramp(height: int = 96, width: int = 96) -> torch.Tensor:
