@@ -7,6 +7,7 @@ recipe with one design choice changed, trained for the same number of epochs:
     objectness_softmax     rpn.objectness softmax (Faster R-CNN paper) instead of sigmoid
     sampler_hard_negative  rpn.sampler hard_negative (MONAI/nnDetection)
     sampler_focal          rpn.sampler focal (no sampling, focal loss over all anchors)
+    sampler_quality_focal  rpn.sampler quality_focal (focal, positives' target the IoU of their box: GFL)
     anchors_planned_3      anchors planned from the training boxes (`medrpn plan`), 3 per position
     anchors_planned_9      the same with 9 per position (3 x 3, as torchvision's seed anchors)
     anchors_torchvision    torchvision's anchors: one size per level 32, 64, 128, ... x ratios 0.5, 1, 2
@@ -248,6 +249,7 @@ VARIANTS: dict[str, Callable[[dict[str, Any]], tuple[dict[str, Any], str]]] = {
     "objectness_softmax": _fixed({"model.rpn.objectness": "softmax"}),
     "sampler_hard_negative": _fixed({"model.rpn.sampler": "hard_negative"}),
     "sampler_focal": _fixed({"model.rpn.sampler": "focal"}),
+    "sampler_quality_focal": _fixed({"model.rpn.sampler": "quality_focal"}),
     "anchors_planned_3": _planned(3),
     "anchors_planned_9": _planned(9),
     "anchors_torchvision": _torchvision,

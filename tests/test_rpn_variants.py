@@ -7,6 +7,7 @@ from collections import OrderedDict
 
 import pytest
 import torch
+from torchvision.models.detection._utils import BoxCoder
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
@@ -16,7 +17,7 @@ from medrpn.errors import ConfigError
 from medrpn.model import AnchorConfig, BackboneConfig, DetectorConfig, RoIConfig, RPNConfig, build_detector
 from medrpn.model.anchors import build_anchor_generator
 from medrpn.model.rpn import build_rpn
-from medrpn.model.rpn_losses import focal_losses, object_logit
+from medrpn.model.rpn_losses import focal_losses, object_logit, quality_focal_losses, regressed_iou
 
 BOX = torch.tensor([[24.0, 20.0, 40.0, 36.0]])
 
@@ -46,7 +47,7 @@ def lesion_batch() -> tuple[torch.Tensor, list[dict[str, torch.Tensor]]]:
     return images, [{"boxes": BOX, "labels": torch.tensor([0])}] * 2
 
 
-VARIANTS = list(itertools.product(["sigmoid", "softmax"], ["balanced", "hard_negative", "focal"]))
+VARIANTS = list(itertools.product(["sigmoid", "softmax"], ["balanced", "hard_negative", "focal", "quality_focal"]))
 
 
 @pytest.mark.parametrize("objectness, sampler", VARIANTS)
@@ -174,6 +175,54 @@ def test_focal_loss_counts_every_anchor_but_ignored_ones_and_divides_by_positive
     torch.testing.assert_close(torch.sigmoid(object_logit(scores)), p_object)
     softmax_focal = focal_losses(scores, deltas, [labels], [targets], 0.25, 2.0)[0]
     torch.testing.assert_close(softmax_focal, _explicit_focal(p_object[counted], labels[counted], 0.25, 2.0).sum() / 3)
+
+
+def test_regressed_iou_is_the_iou_of_the_boxes_the_anchors_would_give():
+    coder = BoxCoder((1.0, 1.0, 1.0, 1.0))
+    torch.manual_seed(6)
+    corners = torch.rand(40, 2) * 200
+    anchors = torch.cat([corners, corners + torch.rand(40, 2) * 60 + 4], dim=1)  # sizes 4-64, any shape
+    deltas = torch.randn(40, 4) * 0.4
+    target_deltas = deltas + torch.randn(40, 4) * torch.linspace(0.01, 1.0, 40)[:, None]  # near to far
+    expected = box_iou(coder.decode_single(deltas, anchors), coder.decode_single(target_deltas, anchors)).diagonal()
+    torch.testing.assert_close(regressed_iou(deltas, target_deltas, coder), expected)
+    assert float(expected.min()) < 0.3 and float(expected.max()) > 0.7  # a spread, not one value
+    torch.testing.assert_close(regressed_iou(deltas, deltas, coder), torch.ones(40))
+
+
+def test_quality_focal_loss_pulls_each_positive_towards_the_iou_of_its_box():
+    coder = BoxCoder((1.0, 1.0, 1.0, 1.0))
+    torch.manual_seed(7)
+    labels = torch.tensor([1.0, 1.0, 1.0, 0.0, 0.0, 0.0, -1.0, 0.0])
+    deltas, targets = torch.randn(8, 4) * 0.3, torch.randn(8, 4) * 0.3
+    quality = regressed_iou(deltas[:3], targets[:3], coder)
+    logits = torch.randn(8, 1, requires_grad=True)
+    objectness, box = quality_focal_losses(logits, deltas, [labels], [targets], 2.0, coder)
+
+    p = torch.sigmoid(logits.detach()[:, 0])
+    soft = torch.cat([quality, torch.zeros(5)])
+    counted = labels >= 0
+    bce = -(soft * torch.log(p) + (1 - soft) * torch.log(1 - p))
+    expected = (bce * (p - soft).abs() ** 2)[counted].sum() / 3
+    torch.testing.assert_close(objectness, expected)
+    expected_box = torch.nn.functional.smooth_l1_loss(deltas[:3], targets[:3], beta=1 / 9, reduction="sum") / 3
+    torch.testing.assert_close(box, expected_box)
+
+    # the gradient moves each positive's probability towards its IoU: down where it is above,
+    # where the focal loss would push every positive up towards 1
+    objectness.backward()
+    above = p[:3] > quality
+    assert bool(above.any()) and bool((~above).any())
+    assert torch.equal(logits.grad[:3, 0] > 0, above)
+    assert logits.grad[6, 0] == 0  # ignored
+    focal_logits = logits.detach().clone().requires_grad_(True)
+    focal_losses(focal_logits, deltas, [labels], [targets], 0.25, 2.0)[0].backward()
+    assert bool((focal_logits.grad[:3, 0] < 0).all())
+
+    # a positive scored exactly at its IoU, and a negative scored 0, cost nothing
+    exact = torch.logit(torch.cat([quality, torch.full((5,), 1e-12)]))[:, None]
+    met, _ = quality_focal_losses(exact, deltas, [labels], [targets], 2.0, coder)
+    assert float(met) < 1e-6
 
 
 def test_a_level_without_anchors_is_skipped_by_the_rpn_only():

@@ -27,10 +27,17 @@ from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead, con
 
 from medrpn.errors import ConfigError
 from medrpn.model.flip_proposals import FLIP_DIMS
-from medrpn.model.rpn_losses import HardNegativeRPNSampler, focal_losses, object_logit, sampled_losses
+from medrpn.model.rpn_losses import (
+    HardNegativeRPNSampler,
+    focal_losses,
+    object_logit,
+    quality_focal_losses,
+    sampled_losses,
+)
 
 OBJECTNESS = ("sigmoid", "softmax")
-SAMPLERS = ("balanced", "hard_negative", "focal")
+SAMPLERS = ("balanced", "hard_negative", "focal", "quality_focal")
+NO_SAMPLING = ("focal", "quality_focal")
 FOCAL_PRIOR = 0.01  # RetinaNet: with focal loss, anchors start at this object probability
 
 
@@ -51,10 +58,13 @@ class RPNConfig:
         objectness: "sigmoid" (one logit per anchor, torchvision) or "softmax" (background and
             object scores with cross-entropy, the Faster R-CNN paper).
         sampler: "balanced" (random, torchvision), "hard_negative" (highest-scoring negatives,
-            MONAI/nnDetection) or "focal" (no sampling, focal loss over all anchors, RetinaNet).
+            MONAI/nnDetection), "focal" (no sampling, focal loss over all anchors, RetinaNet) or
+            "quality_focal" (as focal, with a positive's target the IoU its regressed box reaches:
+            GFL's quality focal loss; proposals ranked by fit).
         hard_negative_pool: hard_negative only: negatives are drawn at random among the
             `pool x needed` highest-scoring ones (1 = exactly the highest-scoring).
-        focal_alpha / focal_gamma: focal only: weight of positives and focusing exponent.
+        focal_alpha / focal_gamma: focal only: weight of positives and focusing exponent
+            (quality_focal uses focal_gamma as its exponent beta and weighs positives by no alpha).
         test_flips: at test time also propose on these mirrored copies of the image
             ("horizontal", "vertical") and merge the proposals by NMS (see `flip_proposals`);
             one more backbone and RPN pass per flip. Empty: the image alone (torchvision).
@@ -115,7 +125,7 @@ class LesionRPN(RegionProposalNetwork):
             self.fg_bg_sampler = HardNegativeRPNSampler(
                 config.batch_size_per_image, config.positive_fraction, config.hard_negative_pool
             )
-        elif config.sampler == "focal":
+        elif config.sampler in NO_SAMPLING:
             self.fg_bg_sampler = None
 
     def compute_loss(
@@ -125,6 +135,10 @@ class LesionRPN(RegionProposalNetwork):
         if self.sampler == "focal":
             return focal_losses(
                 objectness, pred_bbox_deltas, labels, regression_targets, self.focal_alpha, self.focal_gamma
+            )
+        if self.sampler == "quality_focal":
+            return quality_focal_losses(
+                objectness, pred_bbox_deltas, labels, regression_targets, self.focal_gamma, self.box_coder
             )
         if self.sampler == "hard_negative":
             probabilities = torch.sigmoid(object_logit(objectness.detach()))
@@ -193,14 +207,14 @@ def validate(config: RPNConfig) -> None:
 
 def build_head(config: RPNConfig, in_channels: int, num_anchors: int) -> RPNHead:
     """torchvision's `RPNHead`; with softmax objectness its classifier gives (background, object)
-    per anchor; with focal loss the object score starts at probability `FOCAL_PRIOR`."""
+    per anchor; with (quality) focal loss the object score starts at probability `FOCAL_PRIOR`."""
     head = RPNHead(in_channels, num_anchors, conv_depth=config.conv_depth)
     scores = 2 if config.objectness == "softmax" else 1
     if scores == 2:
         head.cls_logits = nn.Conv2d(in_channels, num_anchors * 2, kernel_size=1, stride=1)
         nn.init.normal_(head.cls_logits.weight, std=0.01)
         nn.init.zeros_(head.cls_logits.bias)
-    if config.sampler == "focal":
+    if config.sampler in NO_SAMPLING:
         with torch.no_grad():  # object channel of each anchor: the last of its `scores`
             head.cls_logits.bias[scores - 1 :: scores] = -math.log((1 - FOCAL_PRIOR) / FOCAL_PRIOR)
     return head

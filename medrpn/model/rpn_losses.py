@@ -8,6 +8,9 @@ Three ways, chosen by `RPNConfig.sampler`:
   loss looks at what the network currently confuses with a lesion. As many anchors as balanced.
 - focal: no sampling; every anchor that is not ignored counts, easy ones down-weighted by the focal
   loss (RetinaNet), both losses divided by the number of positive anchors.
+- quality_focal: as focal, but a positive anchor's objectness target is the IoU of its regressed box
+  with its ground-truth box instead of 1 (the quality focal loss of GFL, Li et al. 2020), so
+  proposals are ranked by how well their box fits the lesion, not only by being near one.
 
 Objectness is either one logit per anchor (sigmoid) or two scores, background and object (softmax,
 as in the Faster R-CNN paper). With two scores the object probability softmax(s)[1] equals
@@ -21,7 +24,8 @@ import torch
 from monai.apps.detection.utils.hard_negative_sampler import HardNegativeSampler
 from torch import Tensor
 from torch.nn import functional as F
-from torchvision.ops import sigmoid_focal_loss
+from torchvision.models.detection._utils import BoxCoder
+from torchvision.ops import box_iou, sigmoid_focal_loss
 
 BOX_BETA = 1 / 9  # torchvision's smooth-L1 beta for the RPN box loss
 
@@ -98,5 +102,49 @@ def focal_losses(
     objectness_loss = sigmoid_focal_loss(
         object_logit(scores)[counted], all_labels[counted], alpha=alpha, gamma=gamma, reduction="sum"
     )
+    box_loss = F.smooth_l1_loss(deltas[positive], targets[positive], beta=BOX_BETA, reduction="sum")
+    return objectness_loss / normaliser, box_loss / normaliser
+
+
+def regressed_iou(deltas: Tensor, target_deltas: Tensor, box_coder: BoxCoder) -> Tensor:
+    """IoU, (R,), of the boxes that `deltas` and `target_deltas` (R, 4) make of the same anchors.
+
+    IoU does not change when each axis is scaled and shifted, so it is the same whichever anchor both
+    boxes are decoded from: here a unit square, which spares passing the anchors around.
+    """
+    unit = deltas.new_tensor([[-0.5, -0.5, 0.5, 0.5]]).expand(len(deltas), 4)
+    predicted = box_coder.decode_single(deltas, unit)
+    target = box_coder.decode_single(target_deltas, unit)
+    return box_iou(predicted, target).diagonal()
+
+
+def quality_focal_losses(
+    scores: Tensor,
+    deltas: Tensor,
+    labels: list[Tensor],
+    regression_targets: list[Tensor],
+    beta: float,
+    box_coder: BoxCoder,
+) -> tuple[Tensor, Tensor]:
+    """Quality focal objectness loss over every non-ignored anchor, smooth-L1 box loss as `focal_losses`.
+
+    A positive's target probability is the IoU of its regressed box with its ground truth (taken as
+    a constant), a negative's 0; the binary cross-entropy to that soft target is scaled by
+    |target - probability| ** beta, GFL's generalisation of the focal weight. Both losses are divided
+    by the number of positive anchors. The IoU is measured on the box the anchor proposes now, so
+    the score learns to say how well it fits: where the best-scored positive fits worst, the IoU
+    recall of the top proposals suffers.
+    """
+    all_labels = torch.cat(labels, dim=0)
+    targets = torch.cat(regression_targets, dim=0)
+    counted = torch.where(all_labels >= 0)[0]
+    positive = torch.where(all_labels >= 1)[0]
+    normaliser = max(1, positive.numel())
+    quality = torch.zeros_like(all_labels)
+    quality[positive] = regressed_iou(deltas[positive].detach(), targets[positive], box_coder).to(quality.dtype)
+    logits = object_logit(scores)[counted]
+    soft_targets = quality[counted]
+    weight = (torch.sigmoid(logits) - soft_targets).abs().pow(beta)
+    objectness_loss = (F.binary_cross_entropy_with_logits(logits, soft_targets, reduction="none") * weight).sum()
     box_loss = F.smooth_l1_loss(deltas[positive], targets[positive], beta=BOX_BETA, reduction="sum")
     return objectness_loss / normaliser, box_loss / normaliser
