@@ -84,6 +84,17 @@ def test_small_elongated_lesions_are_covered_by_the_plan():
     np.testing.assert_allclose(plan.planned.best_iou, anchor_best_iou(boxes, AnchorSetup(plan.anchors, STAGES), 256))
 
 
+def test_a_few_elongated_lesions_pull_a_ratio_outwards():
+    # 40 standing lesions (height 3 x width) among 560 round ones: the ratio quantiles all sit near 1,
+    # which covers none of the 40; the refinement stretches one ratio until they are covered
+    round_ = _boxes(560, short=(16, 40), aspect=1.0, both_ways=False, seed=5)
+    standing = _boxes(40, short=(12, 20), aspect=3.0, both_ways=False, seed=6)
+    plan = plan_anchors(np.concatenate([round_, standing]), STAGES, image_size=256, anchors_per_position=3)
+    assert max(plan.anchors.aspect_ratios) > 2
+    assert np.mean(plan.planned.best_iou[560:] >= 0.5) == 1.0
+    assert plan.coverage == 1.0
+
+
 @pytest.mark.parametrize("budget", [1, 2, 4])
 def test_plan_respects_the_budget_with_equal_counts_on_every_level(budget):
     boxes = _boxes(300, short=(5, 60), aspect=1.5, both_ways=True, seed=budget)
