@@ -135,8 +135,6 @@ def evaluate_checkpoint(
 ) -> Evaluation:
     """Runs ``ckpt`` over ``split`` and computes every figure (recording is `record_evaluation`);
     with ``second_stage`` (a `medrpn fit-crops` checkpoint) also the detector followed by it."""
-    import lightning as L
-
     from medrpn import runs
 
     if split not in ("val", "test"):
@@ -151,6 +149,23 @@ def evaluate_checkpoint(
     if not datamodule.splits[split]:
         raise ConfigError(f"data: the {split} split is empty (see data.val_fraction / data.test_fraction)")
     loader = datamodule.val_dataloader() if split == "val" else datamodule.test_dataloader()
+    second = None
+    if stage is None:
+        report = _test(module, loader)
+        if report is None:
+            raise MedrpnError(f"{ckpt}: the evaluation produced no figures")
+    else:  # one pass of the detector gives both its own figures and the second stage's
+        report, second = _with_second_stage(module, stage, Path(second_stage), loader)
+    uri = runs.absolute_tracking_uri(
+        tracking_uri or (module.mlflow_run or {}).get("tracking_uri") or runs.DEFAULT_TRACKING_URI
+    )
+    return Evaluation(ckpt, split, report, uri, module.mlflow_run, module.operating_point, second)
+
+
+def _test(module: LesionDetectionModule, loader: Iterable[dict[str, Any]]) -> EvaluationReport | None:
+    """The detector's figures on the split, from Lightning's test loop (`on_test_epoch_end`)."""
+    import lightning as L
+
     trainer = L.Trainer(
         accelerator="auto", devices=1, logger=False, enable_checkpointing=False,
         enable_model_summary=False, enable_progress_bar=False,
@@ -158,30 +173,24 @@ def evaluate_checkpoint(
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
         trainer.test(module, dataloaders=loader, verbose=False)
-    report = module.last_test_report
-    if report is None:
-        raise MedrpnError(f"{ckpt}: the evaluation produced no figures")
-    uri = runs.absolute_tracking_uri(
-        tracking_uri or (module.mlflow_run or {}).get("tracking_uri") or runs.DEFAULT_TRACKING_URI
-    )
-    evaluation = Evaluation(ckpt, split, report, uri, module.mlflow_run, module.operating_point)
-    if stage is not None:
-        evaluation.second_stage = _with_second_stage(module, stage, Path(second_stage), loader)
-    return evaluation
+    return module.last_test_report
 
 
 def _with_second_stage(
     module: LesionDetectionModule, stage: SecondStage, path: Path, loader: Iterable[dict[str, Any]]
-) -> SecondStageEvaluation:
-    """The detector alone and followed by the second stage, in one more pass over the split."""
-    from medrpn.second_stage.evaluation import compare_second_stage
+) -> tuple[EvaluationReport, SecondStageEvaluation]:
+    """The detector's own figures (as `_test` gives them) and those with the second stage, in one
+    pass over the split."""
+    from medrpn.second_stage.evaluation import measure_second_stage
     from medrpn.second_stage.rescoring import check_classes
 
     check_classes(stage, module.hparams.class_names, path)  # the data's classes (RPN-only: not the model's)
     metric_args = {"froc_hit_rule": module.hparams.froc_hit_rule, "froc_iou_threshold": module.hparams.froc_iou_threshold}
     detector = module.model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
-    alone, with_stage = compare_second_stage(detector, stage, loader, module.class_names, metric_args)
-    return SecondStageEvaluation(path, alone, with_stage, stage.settings.mode, stage.settings.candidates)
+    alone, with_stage = measure_second_stage(detector, stage, loader, module.class_names, metric_args)
+    report = module.final_report(alone)
+    second = SecondStageEvaluation(path, report, with_stage.report(), stage.settings.mode, stage.settings.candidates)
+    return report, second
 
 
 def record_evaluation(evaluation: Evaluation) -> tuple[str, bool]:

@@ -28,6 +28,12 @@ def mlflow_logger(trainer: L.Trainer) -> MLFlowLogger | None:
     return next((lg for lg in trainer.loggers if isinstance(lg, MLFlowLogger)), None)
 
 
+def logger_tracking_uri(logger: MLFlowLogger) -> str:
+    """The tracking store or server an MLflow logger writes to. Lightning keeps it only in a
+    private attribute (always set: `file:<save_dir>` when none was given), so it is read here once."""
+    return str(logger._tracking_uri)
+
+
 class MLflowConfigLogger(SaveConfigCallback):
     """Logs the resolved LightningCLI config to the run (rank 0 only, once per command).
 
@@ -111,7 +117,7 @@ def describe_run(trainer: L.Trainer) -> dict[str, str] | None:
     if logger is None or logger.run_id is None:
         return None
     return {
-        "tracking_uri": logger._tracking_uri,
+        "tracking_uri": logger_tracking_uri(logger),
         "experiment": logger._experiment_name,
         "experiment_id": logger.experiment_id,
         "run_id": logger.run_id,

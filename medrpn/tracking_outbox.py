@@ -28,7 +28,7 @@ from lightning.pytorch.loggers.utilities import _scan_checkpoints
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
 from medrpn.errors import MedrpnError
-from medrpn.tracking import flat_params
+from medrpn.tracking import flat_params, logger_tracking_uri
 
 _HTTP_DEFAULTS = {
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
@@ -54,6 +54,11 @@ class MLflowLogger(MLFlowLogger):
             super().__init__(*args, **kwargs)
         self.outbox_dir = Path(outbox_dir)
         self._offline = False
+
+    @property
+    def tracking_uri(self) -> str:
+        """The tracking store or server this run is logged to."""
+        return logger_tracking_uri(self)
 
     @property
     def outbox(self) -> Path:
@@ -122,11 +127,11 @@ class MLflowLogger(MLFlowLogger):
     def _go_offline(self, error: Exception) -> None:
         self._offline = True
         rank_zero_warn(
-            f"MLflow tracking server {self._tracking_uri} failed ({error.__class__.__name__}: {str(error)[:200]}). "
+            f"MLflow tracking server {self.tracking_uri} failed ({error.__class__.__name__}: {str(error)[:200]}). "
             f"Training goes on; what is not logged to run {self.run_id} is kept in {self.outbox.resolve()}. "
             f"Send it later with: medrpn mlflow-sync {self.outbox}"
         )
-        self._keep({"kind": "run", "tracking_uri": self._tracking_uri, "run_id": self.run_id})
+        self._keep({"kind": "run", "tracking_uri": self.tracking_uri, "run_id": self.run_id})
 
     def _keep(self, entry: dict[str, Any]) -> None:
         self.outbox_dir.mkdir(parents=True, exist_ok=True)

@@ -42,7 +42,7 @@ from medrpn.model import (
     RPNConfig,
     build_detector,
 )
-from medrpn.tracking import mlflow_logger
+from medrpn.tracking import logger_tracking_uri, mlflow_logger
 
 AUTO = "auto"  # model.anchors value: planned from the data by the command
 
@@ -298,16 +298,21 @@ class LesionDetectionModule(L.LightningModule):
             self.operating_point = report.operating_point.as_dict()
 
     def on_test_epoch_end(self) -> None:
-        op = self.operating_point
-        report = self.test_metrics.report(
-            n_bootstrap=self.bootstrap_samples,
-            score_threshold=op["score_threshold"] if op else None,
-            target_fp_per_image=op["target_fp_per_image"] if op else None,
-        )
+        report = self.final_report(self.test_metrics)
         self.test_metrics.reset()
         self._log_scalars("test", report)
         self.last_test_report = report
         self._log_report_files(report, "evaluation/test")
+
+    def final_report(self, metrics: DetectionMetrics) -> EvaluationReport:
+        """The report of a final evaluation (`trainer.test`, `medrpn evaluate`): bootstrap
+        intervals, and the sensitivity and FP rate at the operating point chosen on validation."""
+        op = self.operating_point
+        return metrics.report(
+            n_bootstrap=self.bootstrap_samples,
+            score_threshold=op["score_threshold"] if op else None,
+            target_fp_per_image=op["target_fp_per_image"] if op else None,
+        )
 
     def _log_report_files(self, report: EvaluationReport, artifact_path: str) -> None:
         """The report's table, JSON and plots as artifacts of the run (rank 0; never fatal)."""
@@ -346,7 +351,7 @@ class LesionDetectionModule(L.LightningModule):
             checkpoint["mlflow_run"] = {
                 "run_id": str(logger.run_id),
                 "experiment_id": str(logger.experiment_id),
-                "tracking_uri": absolute_tracking_uri(str(logger._tracking_uri)),
+                "tracking_uri": absolute_tracking_uri(logger_tracking_uri(logger)),
             }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:

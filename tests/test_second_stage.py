@@ -316,6 +316,31 @@ def test_evaluate_with_a_second_stage_prints_the_detector_alone_and_with_it(fitt
     assert "not a second-stage checkpoint" in capsys.readouterr().err
 
 
+def test_evaluate_with_a_second_stage_runs_the_detector_once_for_the_same_figures(fitted, run):
+    from medrpn.evaluate import evaluate_checkpoint
+    from medrpn.model.detector import LesionDetector
+
+    calls = []
+
+    def count(module, inputs, output):
+        if isinstance(module, LesionDetector):
+            calls.append(len(inputs[0]))
+
+    hook = torch.nn.modules.module.register_module_forward_hook(count)
+    try:
+        plain = evaluate_checkpoint(run.ckpt, run.config, split="val")
+        plain_images = sum(calls)
+        both = evaluate_checkpoint(run.ckpt, run.config, split="val", second_stage=fitted[0])
+    finally:
+        hook.remove()
+    assert plain_images > 0 and sum(calls) == 2 * plain_images  # once each, not once more for the second stage
+    assert both.second_stage.alone is both.report
+    # the single pass reports the detector as Lightning's test loop does: operating point included
+    assert both.report.scalars.keys() == plain.report.scalars.keys() and "op_sensitivity" in plain.report.scalars
+    for key, value in plain.report.scalars.items():
+        assert both.report.scalars[key] == pytest.approx(value, nan_ok=True), key
+
+
 def test_predict_with_a_second_stage_uses_its_operating_point(fitted, run, tmp_path):
     path, _ = fitted
     image = sorted((run.annotations.parent / "images").glob("*.dcm"))[0]

@@ -20,7 +20,6 @@ from medrpn.metrics.report import froc_key, metric_safe
 from medrpn.second_stage.rescoring import SecondStage
 
 
-@torch.inference_mode()
 def compare_second_stage(
     detector: torch.nn.Module,
     stage: SecondStage,
@@ -30,7 +29,24 @@ def compare_second_stage(
     n_bootstrap: int = 0,
     target_fp_per_image: float | None = None,
 ) -> tuple[EvaluationReport, EvaluationReport]:
-    """Reports of ``detector`` alone and followed by ``stage`` over ``batches``.
+    """Reports of ``detector`` alone and followed by ``stage`` over ``batches`` (see
+    `measure_second_stage`); ``n_bootstrap`` and ``target_fp_per_image`` are passed to
+    `DetectionMetrics.report` for both."""
+    measured = measure_second_stage(detector, stage, batches, detector_class_names, metric_args)
+    return tuple(m.report(n_bootstrap=n_bootstrap, target_fp_per_image=target_fp_per_image) for m in measured)
+
+
+@torch.inference_mode()
+def measure_second_stage(
+    detector: torch.nn.Module,
+    stage: SecondStage,
+    batches: Iterable[dict[str, Any]],
+    detector_class_names: list[str],
+    metric_args: dict[str, Any],
+) -> tuple[DetectionMetrics, DetectionMetrics]:
+    """The detector alone and followed by ``stage``, accumulated over ``batches`` in one pass of
+    the detector, for the caller to report as it needs (`medrpn evaluate` reports the first as
+    its main figures, with the checkpoint's operating point and bootstrap intervals).
 
     Args:
         detector: a `LesionDetector` in eval mode; ``stage`` is moved to its device.
@@ -39,7 +55,6 @@ def compare_second_stage(
         detector_class_names: the classes the detector reports. An RPN-only detector reports one,
             so alone it is measured class-agnostic, as in training (every lesion of that class).
         metric_args: further `DetectionMetrics` settings (froc_hit_rule, froc_iou_threshold).
-        n_bootstrap, target_fp_per_image: passed to `DetectionMetrics.report` for both.
     """
     device = next(detector.parameters()).device
     stage = stage.to(device).eval()
@@ -55,9 +70,7 @@ def compare_second_stage(
         alone_targets = [{**t, "labels": torch.zeros_like(t["labels"])} for t in targets] if one_class else targets
         alone.update(output.detections, alone_targets, output.proposals, batch.get("meta"))
         with_stage.update(stage(images, output), targets, output.proposals, batch.get("meta"))
-    return tuple(
-        m.report(n_bootstrap=n_bootstrap, target_fp_per_image=target_fp_per_image) for m in (alone, with_stage)
-    )
+    return alone, with_stage
 
 
 def comparison_table(alone: EvaluationReport, with_stage: EvaluationReport) -> str:

@@ -168,10 +168,10 @@ def fit_crops(
             "second_stage": {k: float(v) for k, v in with_stage.scalars.items()},
             "val_loss": float(trainer.callback_metrics.get("val/loss", float("nan"))),
         }
-    extra["mlflow_run"] = {"run_id": logger.run_id, "tracking_uri": logger._tracking_uri}
+    extra["mlflow_run"] = {"run_id": logger.run_id, "tracking_uri": logger.tracking_uri}
     path = save_second_stage(stage.cpu(), output, extra)
     _log_results(logger, path, alone, with_stage)
-    return FitCropsResult(path, logger.run_id, logger._tracking_uri, settings, class_names, train_counts, val_counts, alone, with_stage)
+    return FitCropsResult(path, logger.run_id, logger.tracking_uri, settings, class_names, train_counts, val_counts, alone, with_stage)
 
 
 def _run_logger(ckpt: Path, detector_run: dict[str, Any] | None, tracking_uri: str | None) -> MLflowLogger:
