@@ -20,22 +20,6 @@ from medrpn.metrics.report import froc_key, metric_safe
 from medrpn.second_stage.rescoring import SecondStage
 
 
-def compare_second_stage(
-    detector: torch.nn.Module,
-    stage: SecondStage,
-    batches: Iterable[dict[str, Any]],
-    detector_class_names: list[str],
-    metric_args: dict[str, Any],
-    n_bootstrap: int = 0,
-    target_fp_per_image: float | None = None,
-) -> tuple[EvaluationReport, EvaluationReport]:
-    """Reports of ``detector`` alone and followed by ``stage`` over ``batches`` (see
-    `measure_second_stage`); ``n_bootstrap`` and ``target_fp_per_image`` are passed to
-    `DetectionMetrics.report` for both."""
-    measured = measure_second_stage(detector, stage, batches, detector_class_names, metric_args)
-    return tuple(m.report(n_bootstrap=n_bootstrap, target_fp_per_image=target_fp_per_image) for m in measured)
-
-
 @torch.inference_mode()
 def measure_second_stage(
     detector: torch.nn.Module,

@@ -43,7 +43,7 @@ from medrpn.outputs.findings import file_sha256
 from medrpn.second_stage.candidates import CANDIDATE_SOURCES
 from medrpn.second_stage.classifier import CropClassifierConfig
 from medrpn.second_stage.dataset import CropSet, collect_crops
-from medrpn.second_stage.evaluation import compare_second_stage, comparison_table
+from medrpn.second_stage.evaluation import comparison_table, measure_second_stage
 from medrpn.second_stage.rescoring import COMBINES, MODES, SecondStage, SecondStageSettings, save_second_stage
 from medrpn.second_stage.training import CropClassifierModule, balanced_class_weights
 from medrpn.tracking_outbox import MLflowLogger
@@ -157,10 +157,8 @@ def fit_crops(
     extra: dict[str, Any] = {"training": {"epochs": epochs, "train_counts": train_counts, "seed": seed}}
     if has_val:
         metric_args = {"froc_hit_rule": hp.froc_hit_rule, "froc_iou_threshold": hp.froc_iou_threshold}
-        alone, with_stage = compare_second_stage(
-            detector, stage, _split_loader(datamodule, "val"), module.class_names, metric_args,
-            target_fp_per_image=float(hp.operating_fp_per_image),
-        )
+        measured = measure_second_stage(detector, stage, _split_loader(datamodule, "val"), module.class_names, metric_args)
+        alone, with_stage = (m.report(target_fp_per_image=float(hp.operating_fp_per_image)) for m in measured)
         if with_stage.operating_point is not None:
             stage.operating_point = with_stage.operating_point.as_dict()
         extra["validation"] = {
