@@ -22,8 +22,14 @@ read in training), so no training config is required. The score threshold is, in
 given, the checkpoint's ``operating_point["score_threshold"]`` (chosen on validation data), or
 0.5; the findings JSON, SR and GSPS say which. With a second stage (``--second-stage``, a crop
 classifier from ``medrpn fit-crops``) the detections are re-scored / re-labelled by it, and its own
-operating point (picked on validation data for the re-scored output) replaces the detector's. Nothing printed names a patient: messages carry
-file paths and reasons only.
+operating point (picked on validation data for the re-scored output) replaces the detector's.
+
+The RPN's test-time proposal settings (how many proposals per image, their NMS IoU, mirrored
+views) are the checkpoint's unless given (``proposals_per_image``, ``proposal_nms``,
+``test_flips``): a candidate generator feeding a second stage of the user's own wants more, and
+more overlapping, proposals than the detector was trained to score. Both JSON files record the
+settings used and which were changed. Nothing printed names a patient: messages carry file paths
+and reasons only.
 """
 
 from __future__ import annotations
@@ -46,10 +52,18 @@ from medrpn.checkpoint_file import read_checkpoint
 from medrpn.data.io import ReadConfig, read_image
 from medrpn.data.transforms import build_transform, fit_scale
 from medrpn.errors import ConfigError, DataError, MedrpnError
+from medrpn.model.rpn import RPNConfig
 from medrpn.outputs import ImageFindings, ModelInfo, make_findings
 from medrpn.outputs.findings import file_sha256
 from medrpn.outputs.overlay import to_display_uint8
 from medrpn.outputs.proposals import PROPOSALS_NAME, image_proposals, write_proposals
+from medrpn.proposal_settings import (
+    CHANGEABLE_PROPOSAL_SETTINGS,
+    describe_proposal_settings,
+    proposal_changes,
+    rpn_settings,
+    with_rpn_changes,
+)
 from medrpn.outputs.study import StudyOutputs, existing_outputs
 from medrpn.scan import InputGroup, InputItem, Scan, scan_inputs
 from medrpn.second_stage.rescoring import SecondStage, check_classes, load_second_stage
@@ -97,8 +111,9 @@ def _read_checkpoint(path: Path) -> dict[str, Any]:
     return checkpoint
 
 
-def _build_module(checkpoint: dict[str, Any]) -> LesionDetectionModule:
-    module = LesionDetectionModule(**checkpoint["hyper_parameters"])
+def _build_module(checkpoint: dict[str, Any], rpn_changes: dict[str, Any] | None = None) -> LesionDetectionModule:
+    """The checkpoint's module in eval mode, with `rpn_changes` (RPNConfig fields) over its RPN settings."""
+    module = LesionDetectionModule(**with_rpn_changes(checkpoint["hyper_parameters"], rpn_changes or {}))
     module.load_state_dict(checkpoint["state_dict"])
     return module.eval()
 
@@ -202,6 +217,9 @@ def predict_files(
     overwrite: bool = False,
     proposals: bool = False,
     second_stage: str | Path | None = None,
+    proposals_per_image: int | None = None,
+    proposal_nms: float | None = None,
+    test_flips: list[str] | None = None,
 ) -> PredictReport:
     """Find lesions in every image under ``inputs``; write per study into ``output``.
 
@@ -217,6 +235,9 @@ def predict_files(
         overwrite: replace existing outputs (else studies with outputs are left alone).
         proposals: also write every RPN proposal (no threshold) to ``proposals.json`` per folder.
         second_stage: a ``medrpn fit-crops`` checkpoint re-scoring / re-labelling the detections.
+        proposals_per_image, proposal_nms, test_flips: the RPN's test-time settings
+            (``rpn.post_nms_top_n_test``, ``rpn.nms_thresh``, ``rpn.test_flips``); None: the
+            checkpoint's. They change what a full detector's RoI heads score too.
 
     Returns:
         A `PredictReport`.
@@ -226,7 +247,8 @@ def predict_files(
         raise ConfigError(f"batch size must be at least 1, got {batch_size}")
     if inputs.is_dir() and output.resolve() == inputs.resolve():
         raise MedrpnError(f"{output}: the output folder must not be the input folder")
-    module, model, image_size, read_config = _load(ckpt, score_threshold)
+    changes = proposal_changes(proposals_per_image, proposal_nms, test_flips)
+    module, model, image_size, read_config = _load(ckpt, score_threshold, changes)
     stage = None if second_stage is None else _load_second_stage(Path(second_stage), module, model, score_threshold)
 
     scan = scan_inputs(inputs, exclude=output, axis=read_config.axis)
@@ -253,11 +275,23 @@ def predict_files(
     return report
 
 
-def _load(ckpt: Path, score_threshold: float | None) -> tuple[LesionDetectionModule, ModelInfo, int, ReadConfig]:
+def _load(
+    ckpt: Path, score_threshold: float | None, rpn_changes: dict[str, Any]
+) -> tuple[LesionDetectionModule, ModelInfo, int, ReadConfig]:
     """The module (eval, on the GPU when there is one), its description, input size and read settings."""
     checkpoint = _read_checkpoint(ckpt)
     threshold, source, point = resolve_threshold(checkpoint, score_threshold)
-    module = _build_module(checkpoint).to("cuda" if torch.cuda.is_available() else "cpu")
+    module = _build_module(checkpoint, rpn_changes).to("cuda" if torch.cuda.is_available() else "cpu")
+    settings = module.detector_config.rpn
+    if rpn_changes:
+        trained = RPNConfig(**rpn_settings(checkpoint["hyper_parameters"]))
+        print(
+            "medrpn predict: proposal settings changed from the checkpoint's: "
+            + ", ".join(f"{CHANGEABLE_PROPOSAL_SETTINGS[k][1]} {getattr(trained, k)} -> {getattr(settings, k)}" for k in rpn_changes)
+            + "; the findings come from these proposals, so the checkpoint's operating point (its sensitivity "
+            "and false positives per image) was measured with other settings",
+            flush=True,
+        )
     data_settings = dict(checkpoint.get("datamodule_hyper_parameters") or {})
     model = ModelInfo(
         checkpoint=str(ckpt.resolve()),
@@ -266,6 +300,7 @@ def _load(ckpt: Path, score_threshold: float | None) -> tuple[LesionDetectionMod
         score_threshold=threshold,
         threshold_source=source,
         operating_point=point,
+        proposal_settings=describe_proposal_settings(settings, rpn_changes),
         version=__version__,
     )
     return module, model, int(data_settings.get("image_size", 256)), ReadConfig.parse(data_settings.get("read"))
@@ -474,6 +509,21 @@ def main(argv: list[str]) -> None:
         help="a crop classifier from `medrpn fit-crops` that re-scores / re-labels the detections "
         "(its operating point then sets the default threshold)",
     )
+    parser.add_argument(
+        "--proposals-per-image", type=int, default=None, metavar="N",
+        help="RPN proposals kept per image after NMS (default: the checkpoint's rpn.post_nms_top_n_test); "
+        "more for a candidate generator feeding your own second stage",
+    )
+    parser.add_argument(
+        "--proposal-nms", type=float, default=None, metavar="IOU",
+        help="NMS IoU of the RPN's proposals (default: the checkpoint's rpn.nms_thresh); higher keeps more "
+        "overlapping boxes, which can raise proposal recall (docs/rpn_ablation.md)",
+    )
+    parser.add_argument(
+        "--test-flips", nargs="+", choices=["horizontal", "vertical"], default=None,
+        help="also propose on these mirrored copies of each image and merge (default: the checkpoint's "
+        "rpn.test_flips); one more backbone pass each",
+    )
     args = parser.parse_args(argv)
     predict_files(
         args.ckpt,
@@ -485,4 +535,7 @@ def main(argv: list[str]) -> None:
         overwrite=args.overwrite,
         proposals=args.proposals,
         second_stage=args.second_stage,
+        proposals_per_image=args.proposals_per_image,
+        proposal_nms=args.proposal_nms,
+        test_flips=args.test_flips,
     )

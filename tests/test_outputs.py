@@ -107,7 +107,7 @@ def test_findings_json_round_trips_without_patient_identifiers(tmp_path):
         assert secret not in text
     with open(out) as f:
         doc = json.load(f)
-    assert doc["schema_version"] == FINDINGS_SCHEMA_VERSION == "2.0"
+    assert doc["schema_version"] == FINDINGS_SCHEMA_VERSION == "2.1"
     assert doc["study_instance_uid"] == "1.2.3"
     assert doc["dicom"] == {"sr": "sr.dcm", "gsps": ["gsps.dcm"], "notes": []}
     assert doc["skipped"] == [{"source": "scans/bad.dcm", "reason": "truncated"}]
@@ -120,6 +120,7 @@ def test_findings_json_round_trips_without_patient_identifiers(tmp_path):
         "score_threshold": pytest.approx(0.25),
         "threshold_source": "checkpoint operating point",
         "operating_point": {"score_threshold": 0.25, "fp_per_image": 1.0, "sensitivity": 0.8},
+        "proposal_settings": None,
     }
     (entry,) = doc["images"]
     assert entry["source"] == "scans/img.dcm" and entry["frame"] is None and entry["overlay"] == "img.png"

@@ -205,7 +205,7 @@ def test_existing_outputs_are_kept_unless_overwrite(ckpt, tmp_path):
     assert (folder / "findings.json").read_text() == "{}"
     replaced, log = _run(ckpt, images, tmp_path / "out", score_threshold=0.0, num_workers=0, overwrite=True)
     assert sorted(replaced.studies) == sorted(first.studies) and f"replacing existing outputs in {folder}" in log
-    assert json.loads((folder / "findings.json").read_text())["schema_version"] == "2.0"
+    assert json.loads((folder / "findings.json").read_text())["schema_version"] == "2.1"
 
 
 def test_threshold_comes_from_the_operating_point_unless_given(tmp_path):

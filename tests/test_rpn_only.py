@@ -159,7 +159,7 @@ def test_predict_writes_proposals_in_original_pixels(fitted, data, tmp_path):
 
     # the PNG folder: the scale is 96 / 200 (the longer side), boxes come back to 200 x 120 pixels
     document = json.loads((out_dir / "proposals.json").read_text())
-    assert document["schema_version"] == "1.0" and document["study_instance_uid"] is None
+    assert document["schema_version"] == "1.1" and document["study_instance_uid"] is None
     (image,) = document["images"]
     assert (image["source"], image["height"], image["width"]) == ("wide.png", 120, 200)
     assert image["scale"] == pytest.approx(SIZE / 200) and image["input_size"] == SIZE
@@ -204,6 +204,56 @@ def test_predict_writes_proposals_in_original_pixels(fitted, data, tmp_path):
     above = [p for p in image["proposals"] if p["score"] >= threshold - 1e-4]
     assert sum(p["score"] >= threshold + 1e-4 for p in image["proposals"]) <= len(found) <= len(above)
     assert [f["box_px"] for f in found] == [p["box_px"] for p in above[: len(found)]]
+
+
+def test_predict_takes_other_proposal_settings_for_the_export_and_records_them(fitted, data, tmp_path):
+    (tmp_path / "in").mkdir()
+    dicom = sorted((data.parent / "images").glob("*.dcm"))[0]
+    (tmp_path / "in" / dicom.name).write_bytes(dicom.read_bytes())
+    trained = torch.load(fitted, map_location="cpu", weights_only=True)["hyper_parameters"]["rpn"]
+
+    def export(name: str, *flags: str) -> tuple[dict, dict, str]:
+        with redirect_stdout(io.StringIO()) as printed:
+            medrpn_main(["predict", "--ckpt", str(fitted), "--input", str(tmp_path / "in"),
+                         "--output", str(tmp_path / name), "--num-workers", "0", "--proposals", *flags])
+        (study,) = [p for p in (tmp_path / name).iterdir() if p.is_dir()]
+        findings = json.loads((study / "findings.json").read_text())
+        return json.loads((study / "proposals.json").read_text()), findings, printed.getvalue()
+
+    as_trained, findings, printed = export("as_trained")
+    assert as_trained["model"]["proposal_settings"] == findings["model"]["proposal_settings"] == {
+        "proposals_per_image": trained["post_nms_top_n_test"], "pre_nms_per_level": trained["pre_nms_top_n_test"],
+        "nms_thresh": trained["nms_thresh"], "test_flips": [], "changed": [],
+    }
+    assert "proposal settings changed" not in printed
+    (base,) = as_trained["images"]
+    assert len(base["proposals"]) > 5
+
+    # fewer proposals: the same NMS, so the best five of the trained settings' list
+    fewer, findings, printed = export("fewer", "--proposals-per-image", "5")
+    (image,) = fewer["images"]
+    assert image["proposals"] == base["proposals"][:5]
+    assert findings["model"]["proposal_settings"]["changed"] == ["proposals_per_image"]
+    assert f"--proposals-per-image {trained['post_nms_top_n_test']} -> 5" in printed
+
+    # a looser NMS over more places keeps boxes the trained NMS suppressed
+    looser, findings, printed = export("looser", "--proposal-nms", "0.95", "--proposals-per-image", "1000",
+                                       "--test-flips", "horizontal")
+    settings = looser["model"]["proposal_settings"]
+    assert (settings["nms_thresh"], settings["proposals_per_image"], settings["test_flips"]) == (0.95, 1000, ["horizontal"])
+    assert settings["changed"] == ["proposals_per_image", "nms_thresh", "test_flips"]
+    assert findings["model"]["proposal_settings"] == settings
+    assert len(looser["images"][0]["proposals"]) > len(base["proposals"])
+    assert f"--proposal-nms {trained['nms_thresh']} -> 0.95" in printed and "operating point" in printed
+
+    for flags, message in [
+        (dict(proposal_nms=0.0), r"--proposal-nms must be an IoU in \(0, 1\]"),
+        (dict(proposals_per_image=0), "--proposals-per-image must be a whole number of at least 1"),
+        (dict(test_flips=["diagonal"]), "rpn.test_flips: 'diagonal'"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            predict_files(fitted, tmp_path / "in", tmp_path / "bad", num_workers=0, **flags)
+    assert not (tmp_path / "bad").exists()
 
 
 def test_a_full_detector_also_exports_its_proposals(tmp_path):

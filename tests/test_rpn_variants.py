@@ -258,6 +258,11 @@ def test_carrying_levels_must_share_their_anchor_count():
         (dict(hard_negative_pool=0.5), "rpn.hard_negative_pool"),
         (dict(focal_alpha=1.5), "rpn.focal_alpha"),
         (dict(focal_gamma=-1.0), "rpn.focal_gamma"),
+        (dict(nms_thresh=0.0), r"rpn.nms_thresh must be an IoU in \(0, 1\], got 0.0"),
+        (dict(nms_thresh=1.5), "rpn.nms_thresh"),
+        (dict(post_nms_top_n_test=0), "rpn.post_nms_top_n_test must be at least 1"),
+        (dict(pre_nms_top_n_train=-5), "rpn.pre_nms_top_n_train"),
+        (dict(score_thresh=1.0), "rpn.score_thresh"),
     ],
 )
 def test_invalid_settings_are_config_errors(setting, message):

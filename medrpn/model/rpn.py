@@ -193,6 +193,13 @@ def validate(config: RPNConfig) -> None:
         raise ConfigError(f"rpn.positive_fraction must be in (0, 1], got {config.positive_fraction}")
     if config.bg_iou_thresh > config.fg_iou_thresh:
         raise ConfigError("rpn.bg_iou_thresh must not exceed rpn.fg_iou_thresh")
+    for name in ("pre_nms_top_n_train", "post_nms_top_n_train", "pre_nms_top_n_test", "post_nms_top_n_test"):
+        if getattr(config, name) < 1:
+            raise ConfigError(f"rpn.{name} must be at least 1, got {getattr(config, name)}")
+    if not 0 < config.nms_thresh <= 1:
+        raise ConfigError(f"rpn.nms_thresh must be an IoU in (0, 1], got {config.nms_thresh}")
+    if not 0 <= config.score_thresh < 1:
+        raise ConfigError(f"rpn.score_thresh must be in [0, 1), got {config.score_thresh}")
     if config.hard_negative_pool < 1:
         raise ConfigError(f"rpn.hard_negative_pool must be at least 1, got {config.hard_negative_pool}")
     if not 0 <= config.focal_alpha <= 1:

@@ -7,11 +7,12 @@ of its first pixel), ``x`` runs along columns (left to right) and ``y`` along ro
 This is also DICOM's convention for image coordinates in structured reports and presentation
 states, so the same numbers go into the SR and GSPS unchanged.
 
-Findings JSON, schema version ``FINDINGS_SCHEMA_VERSION`` ("2.0"), one ``findings.json`` per
-output folder (one per DICOM study; PNG/JPEG images are grouped by their folder)::
+Findings JSON, schema version ``FINDINGS_SCHEMA_VERSION`` ("2.1", which added
+``model.proposal_settings`` to 2.0), one ``findings.json`` per output folder (one per DICOM study;
+PNG/JPEG images are grouped by their folder)::
 
     {
-      "schema_version": "2.0",
+      "schema_version": "2.1",
       "study_instance_uid": "1.2.3..." | null,       # null for PNG/JPEG folders
       "model": {
         "name": "medrpn", "version": "0.1.0",
@@ -19,7 +20,11 @@ output folder (one per DICOM study; PNG/JPEG images are grouped by their folder)
         "class_names": ["nodule", ...],
         "score_threshold": 0.42,                      # findings below it are not reported
         "threshold_source": "checkpoint operating point" | "command line" | "default",
-        "operating_point": {"score_threshold": .., "fp_per_image": .., "sensitivity": ..} | null
+        "operating_point": {"score_threshold": .., "fp_per_image": .., "sensitivity": ..} | null,
+        "proposal_settings": {                        # the RPN's test-time settings used
+          "proposals_per_image": 100, "pre_nms_per_level": 500, "nms_thresh": 0.5,
+          "test_flips": [], "changed": ["nms_thresh"]  # those given on the command line
+        } | null
       },
       "images": [                                     # in study/series/instance order
         {
@@ -70,7 +75,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-FINDINGS_SCHEMA_VERSION = "2.0"
+FINDINGS_SCHEMA_VERSION = "2.1"
 
 _SCORE_DECIMALS = 4
 _COORD_DECIMALS = 2
@@ -198,6 +203,9 @@ class ModelInfo:
             "command line" or "default".
         operating_point: the checkpoint's operating point (``score_threshold``, ``fp_per_image``,
             ``sensitivity``) when it has one.
+        proposal_settings: the RPN's test-time settings the findings were made with
+            (``proposals_per_image``, ``pre_nms_per_level``, ``nms_thresh``, ``test_flips``) and
+            which of them were ``changed`` from the checkpoint's; None when not known.
         name, version: the software.
     """
 
@@ -207,6 +215,7 @@ class ModelInfo:
     score_threshold: float
     threshold_source: str = "default"
     operating_point: dict[str, float] | None = None
+    proposal_settings: dict[str, Any] | None = None
     name: str = "medrpn"
     version: str = ""
 
@@ -224,6 +233,7 @@ class ModelInfo:
                 k: None if isinstance(v, float) and not math.isfinite(v) else v
                 for k, v in self.operating_point.items()
             },
+            "proposal_settings": None if self.proposal_settings is None else dict(self.proposal_settings),
         }
 
 

@@ -5,7 +5,9 @@ In LUNA16-style pipelines a first stage generates candidates with high recall an
 ``proposals.json`` beside ``findings.json`` in every output folder, for any checkpoint (an
 RPN-only one or a full detector, whose proposals are those its RoI heads start from). Every
 proposal the RPN keeps is written, with no score threshold: at most the model's
-``rpn.post_nms_top_n_test`` per image, after its NMS, best objectness first.
+``rpn.post_nms_top_n_test`` per image, after its NMS, best objectness first. How many, and at
+which NMS IoU, can be changed for the export (``predict --proposals-per-image / --proposal-nms``):
+a candidate generator is tuned for recall, which is not what the detector was trained for.
 
 Coordinates follow `medrpn.outputs.findings` (the same helpers make them): absolute pixel
 ``xyxy`` in the ORIGINAL image, ``(0, 0)`` its top-left corner, ``x`` along columns; millimetres
@@ -13,14 +15,15 @@ from that corner when the pixel spacing is known; coordinates rounded to 2 decim
 The network saw the image resized by ``scale`` and padded at the right/bottom to a square of
 ``input_size`` pixels, so a box in network-input pixels is ``box_px * scale`` (no offset).
 
-Schema version ``PROPOSALS_SCHEMA_VERSION`` ("1.0")::
+Schema version ``PROPOSALS_SCHEMA_VERSION`` ("1.1", which added ``model.proposal_settings`` to 1.0)::
 
     {
-      "schema_version": "1.0",
+      "schema_version": "1.1",
       "study_instance_uid": "1.2.3..." | null,       # null for PNG/JPEG/NIfTI folders
       "model": {
         "name": "medrpn", "version": "0.1.0",
-        "checkpoint": "/abs/path/best.ckpt", "checkpoint_sha256": "..."
+        "checkpoint": "/abs/path/best.ckpt", "checkpoint_sha256": "...",
+        "proposal_settings": {..} | null              # as in findings.json: how many, which NMS
       },
       "images": [                                     # in the order of findings.json
         {
@@ -61,7 +64,7 @@ from torchvision.ops import clip_boxes_to_image
 
 from medrpn.outputs.findings import Finding, ImageFindings, ModelInfo, make_findings, write_atomically
 
-PROPOSALS_SCHEMA_VERSION = "1.0"
+PROPOSALS_SCHEMA_VERSION = "1.1"
 PROPOSALS_NAME = "proposals.json"
 
 _PROPOSAL_KEYS = ("score", "box_px", "box_mm", "size_mm")  # of a Finding's JSON form
@@ -140,7 +143,8 @@ def write_proposals(
     document = {
         "schema_version": PROPOSALS_SCHEMA_VERSION,
         "study_instance_uid": study_instance_uid,
-        "model": {k: about[k] for k in ("name", "version", "checkpoint", "checkpoint_sha256") if k in about},
+        "model": {k: about[k] for k in ("name", "version", "checkpoint", "checkpoint_sha256", "proposal_settings")
+                  if k in about},
         "images": [item.to_dict() for item in items],
     }
     text = json.dumps(document, indent=2, allow_nan=False) + "\n"
