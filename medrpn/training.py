@@ -31,6 +31,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from medrpn.errors import ConfigError
+from medrpn.init_weights import load_matching_weights
 from medrpn.metrics import DetectionMetrics, EvaluationReport
 from medrpn.metrics.froc import HitRule, check_hit_rule
 from medrpn.model import (
@@ -65,6 +66,7 @@ _TRAINING_ONLY = (
                             "focal_alpha", "focal_gamma")),
     *(f"roi.{k}" for k in ("fg_iou_thresh", "bg_iou_thresh", "batch_size_per_image", "positive_fraction")),
     "anchors_per_position",
+    "init_weights",
 )
 
 
@@ -182,6 +184,10 @@ class LesionDetectionModule(L.LightningModule):
         froc_iou_threshold: IoU at which a detection hits a lesion ("iou" rule).
         operating_fp_per_image: false positives per image the operating point is picked for.
         bootstrap_samples: patient resamples for the confidence intervals of the final evaluation.
+        init_weights: a checkpoint of `medrpn fit` to start training from (fine-tuning, e.g. at a
+            larger input): its tensors that match this model by name and shape are loaded when
+            `fit` sets up, the rest are listed (`medrpn.init_weights`). Resuming a fit
+            (`--ckpt_path`) restores that checkpoint's weights instead.
     """
 
     def __init__(
@@ -201,6 +207,7 @@ class LesionDetectionModule(L.LightningModule):
         froc_iou_threshold: float = 0.3,
         operating_fp_per_image: float = 1.0,
         bootstrap_samples: int = 1000,
+        init_weights: str | None = None,
     ) -> None:
         super().__init__()
         if anchors == AUTO:
@@ -242,6 +249,7 @@ class LesionDetectionModule(L.LightningModule):
                 "froc_iou_threshold": froc_iou_threshold,
                 "operating_fp_per_image": operating_fp_per_image,
                 "bootstrap_samples": bootstrap_samples,
+                "init_weights": None if init_weights is None else str(init_weights),
             },
             logger=False,
         )
@@ -251,6 +259,7 @@ class LesionDetectionModule(L.LightningModule):
             raise ValueError(f"operating_fp_per_image must be >= 0, got {operating_fp_per_image}")
         self.operating_fp_per_image = float(operating_fp_per_image)
         self.bootstrap_samples = int(bootstrap_samples)
+        self.init_weights = None if init_weights is None else str(init_weights)
         metric_args = dict(class_names=self.class_names, froc_hit_rule=froc_hit_rule, froc_iou_threshold=froc_iou_threshold)
         self.val_metrics = DetectionMetrics(**metric_args)
         self.test_metrics = DetectionMetrics(**metric_args)
@@ -258,6 +267,12 @@ class LesionDetectionModule(L.LightningModule):
         self.operating_point: dict[str, float] | None = None
         self.mlflow_run: dict[str, str] | None = None  # the run a loaded checkpoint came from
         self.last_test_report: EvaluationReport | None = None
+
+    def on_fit_start(self) -> None:
+        """Loads `init_weights` into a fit that starts afresh; a resumed one (its checkpoint already
+        restored by now) goes on from its own weights, and needs no init file."""
+        if self.init_weights and self.trainer.ckpt_path is None:
+            self.print(load_matching_weights(self, self.init_weights).summary(), flush=True)
 
     def forward(self, images: Tensor) -> DetectorOutput:
         """Detections and proposals for a batch of images (eval mode)."""

@@ -171,3 +171,14 @@ def test_bf16_on_a_cpu_that_emulates_it_is_warned_of(tmp_path):
     )
     assert result.returncode == 2 and "missing.csv" in result.stderr  # the run stops at the data, after the check
     assert ("trainer.precision bf16-mixed on a CPU without bf16 instructions" in result.stderr) == (not cpu_has_bf16())
+
+
+@pytest.mark.parametrize("config", sorted((REPO / "configs").glob("*.yaml")), ids=lambda path: path.name)
+def test_every_shipped_config_parses(config, capsys):
+    from medrpn.cli import main as medrpn_main
+
+    with pytest.raises(SystemExit) as done:
+        medrpn_main(["fit", "--config", str(config), "--print_config"])
+    assert done.value.code in (0, None), capsys.readouterr().err[-2000:]
+    printed = capsys.readouterr().out
+    assert "model:" in printed and "data:" in printed and "annotations:" in printed
