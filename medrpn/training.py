@@ -272,7 +272,9 @@ class LesionDetectionModule(L.LightningModule):
         """Loads `init_weights` into a fit that starts afresh; a resumed one (its checkpoint already
         restored by now) goes on from its own weights, and needs no init file."""
         if self.init_weights and self.trainer.ckpt_path is None:
-            self.print(load_matching_weights(self, self.init_weights).summary(), flush=True)
+            report = load_matching_weights(self, self.init_weights)
+            if self.trainer.is_global_zero:  # not self.print: a progress bar drops it before its bar starts
+                print(report.summary(), flush=True)
 
     def forward(self, images: Tensor) -> DetectorOutput:
         """Detections and proposals for a batch of images (eval mode)."""

@@ -53,7 +53,7 @@ def _fit(module: LesionDetectionModule, data: Path, root: Path, steps: int, ckpt
     datamodule = LesionDataModule(str(data), image_size=SIZE, val_fraction=0.25, test_fraction=0.0, batch_size=2, num_workers=0)
     trainer = L.Trainer(
         max_steps=steps, limit_val_batches=1, num_sanity_val_steps=0, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", default_root_dir=root,
+        enable_progress_bar=True, enable_model_summary=False,  # the bar must not swallow the report accelerator="cpu", default_root_dir=root,
     )
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     return trainer
