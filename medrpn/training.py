@@ -186,8 +186,8 @@ class LesionDetectionModule(L.LightningModule):
         bootstrap_samples: patient resamples for the confidence intervals of the final evaluation.
         init_weights: a checkpoint of `medrpn fit` to start training from (fine-tuning, e.g. at a
             larger input): its tensors that match this model by name and shape are loaded when
-            `fit` sets up, the rest are listed (`medrpn.init_weights`). Resuming a fit
-            (`--ckpt_path`) restores that checkpoint's weights instead.
+            a fit starts, the others are listed (`medrpn.init_weights`). A resumed fit
+            (`--ckpt_path`) goes on from its own checkpoint's weights instead.
     """
 
     def __init__(
