@@ -52,6 +52,7 @@ from medrpn.checkpoint_file import read_checkpoint
 from medrpn.data.io import ReadConfig, read_image
 from medrpn.data.transforms import build_transform, fit_scale
 from medrpn.errors import ConfigError, DataError, MedrpnError
+from medrpn.model.flip_proposals import FLIP_DIMS
 from medrpn.model.rpn import RPNConfig
 from medrpn.outputs import ImageFindings, ModelInfo, make_findings
 from medrpn.outputs.findings import file_sha256
@@ -520,7 +521,7 @@ def main(argv: list[str]) -> None:
         "overlapping boxes, which can raise proposal recall (docs/rpn_ablation.md)",
     )
     parser.add_argument(
-        "--test-flips", nargs="+", choices=["horizontal", "vertical"], default=None,
+        "--test-flips", nargs="+", choices=list(FLIP_DIMS), default=None,
         help="also propose on these mirrored copies of each image and merge (default: the checkpoint's "
         "rpn.test_flips); one more backbone pass each",
     )
