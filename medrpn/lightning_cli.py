@@ -28,7 +28,7 @@ from medrpn.data.datamodule import LesionDataModule
 from medrpn.distributed import lost_peer, rank, watch_launcher
 from medrpn.errors import MedrpnError
 from medrpn.runs import absolute_tracking_uri
-from medrpn.tracking import MLflowConfigLogger, describe_run, mlflow_logger
+from medrpn.tracking import MLflowConfigLogger, describe_run, logger_tracking_uri, mlflow_logger
 from medrpn.tracking_outbox import MLflowLogger
 from medrpn.training import AUTO, LesionDetectionModule, checkpoint_model_settings
 
@@ -113,7 +113,7 @@ class MedrpnCLI(LightningCLI):
         if path is None or logger is None or logger._run_id is not None:
             return
         run = checkpoint_run(path)
-        if run.get("run_id") and run.get("tracking_uri") == absolute_tracking_uri(str(logger._tracking_uri)):
+        if run.get("run_id") and run.get("tracking_uri") == absolute_tracking_uri(logger_tracking_uri(logger)):
             logger._run_id = run["run_id"]  # read by MLFlowLogger.experiment, which then reopens that run
             print(f"medrpn: resuming from {path}, in MLflow run {run['run_id']}", flush=True)
         elif run.get("run_id"):
