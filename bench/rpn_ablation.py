@@ -323,12 +323,12 @@ def anchor_figures(anchors: dict[str, Any], stages: list[int], image_size: int, 
 
 
 def training_boxes_or_none(config: dict[str, Any]) -> Any:
-    """The training split's boxes in input pixels (as `medrpn plan` takes them), None when they cannot be read."""
+    """The training split's boxes in input pixels (as `medrpn plan` reads them, without its zoomed copies), None when they cannot be read."""
     from medrpn.check_data import config_sections
     from medrpn.plan import training_boxes
 
     try:
-        return training_boxes(config_sections(config, "recipe")[0]).boxes
+        return training_boxes(config_sections(config, "recipe")[0]).in_split
     except Exception as error:  # noqa: BLE001 - coverage is extra information, never a reason to stop
         print(f"rpn_ablation: no anchor coverage ({error.__class__.__name__}: {error})", flush=True)
         return None

@@ -2,7 +2,10 @@
 
 Reads a training config the way `medrpn check-data` does, takes the boxes of the TRAINING split
 only (the split `medrpn fit` will use; validation and test boxes must not shape the model), fits
-them to `data.image_size` as training does, and runs `medrpn.model.anchor_planning.plan_anchors`.
+them to `data.image_size` as training does, adds each box at the smallest and largest zoom of the
+training augmentation (`data.augment.scale`, when `augment.affine` is on: the model learns those
+sizes too, and lesions a little larger or smaller than any in the training split then still have
+an anchor), and runs `medrpn.model.anchor_planning.plan_anchors`.
 It prints the anchor coverage (share of boxes with an anchor at IoU >= 0.5), the mean best IoU
 and the anchors per image of the config's anchors, of torchvision's default anchors and of the
 plan, overall and per class; `--output NEW.yaml` writes a copy of the config with `model.anchors`
@@ -23,7 +26,7 @@ import yaml
 
 from medrpn.check_data import config_sections, read_config
 from medrpn.data.datamodule import LesionDataModule
-from medrpn.data.transforms import fit_scale
+from medrpn.data.transforms import AugmentConfig, fit_scale
 from medrpn.errors import ConfigError, DataError
 from medrpn.model.anchor_planning import COVERAGE_IOU, AnchorPlan, AnchorScore, plan_anchors
 from medrpn.model.anchors import AnchorConfig
@@ -33,19 +36,48 @@ AUTO = "auto"
 
 @dataclass
 class TrainingBoxes:
-    """The training split's boxes in network-input pixels.
+    """The training split's boxes in network-input pixels, as training sees them.
 
     Attributes:
-        boxes: (N, 4) xyxy, scaled as training scales its images to `image_size`.
+        boxes: (N, 4) xyxy, scaled as training scales its images to `image_size`, followed by
+            the same boxes at each of `zooms`.
         labels: (N,) 0-based class of each box.
         class_names: names of the classes, in label order.
         image_size: the network input side.
+        split_boxes: how many boxes the training split holds (the first `split_boxes` of `boxes`).
+        zooms: the augmentation's zoom factors at which each box was added again (none when off).
     """
 
     boxes: np.ndarray
     labels: np.ndarray
     class_names: list[str]
     image_size: int
+    split_boxes: int
+    zooms: tuple[float, ...] = ()
+
+    @property
+    def in_split(self) -> np.ndarray:
+        """The training split's own boxes, without the zoomed copies."""
+        return self.boxes[: self.split_boxes]
+
+
+def augmentation_zooms(augment: AugmentConfig) -> tuple[float, ...]:
+    """The extreme zoom factors of the training augmentation other than 1 (none when its affine step is off)."""
+    if augment.affine <= 0:
+        return ()
+    return tuple(sorted({float(min(augment.scale)), float(max(augment.scale))} - {1.0}))
+
+
+def zoomed(boxes: np.ndarray, factor: float, image_size: int) -> np.ndarray:
+    """`boxes` (xyxy) scaled by `factor` about their own centres, cut at the image border as augmentation cuts them.
+
+    The augmentation zooms about the image centre, which also moves each box; anchor coverage
+    depends on a box's position only through its offset from the anchor grid, which a move of
+    any size leaves as varied as before, so the box's own centre stands in for it.
+    """
+    centres = (boxes[:, :2] + boxes[:, 2:]) / 2
+    halves = (boxes[:, 2:] - boxes[:, :2]) / 2 * factor
+    return np.clip(np.concatenate([centres - halves, centres + halves], axis=1), 0, image_size)
 
 
 def training_boxes(data: dict[str, Any]) -> TrainingBoxes:
@@ -67,11 +99,16 @@ def training_boxes(data: dict[str, Any]) -> TrainingBoxes:
     train = dm.splits["train"]
     boxes = [r.boxes * fit_scale(*dm.images.sizes[r.key], dm.image_size) for r in train]
     labels = [r.labels for r in train]
+    split_boxes = np.concatenate(boxes).astype(np.float64) if boxes else np.zeros((0, 4))
+    split_labels = np.concatenate(labels) if labels else np.zeros(0, np.int64)
+    zooms = augmentation_zooms(dm.augment)
     return TrainingBoxes(
-        np.concatenate(boxes) if boxes else np.zeros((0, 4), np.float32),
-        np.concatenate(labels) if labels else np.zeros(0, np.int64),
+        np.concatenate([split_boxes] + [zoomed(split_boxes, f, dm.image_size) for f in zooms]),
+        np.tile(split_labels, 1 + len(zooms)),
         list(dm.class_names),
         dm.image_size,
+        len(split_boxes),
+        zooms,
     )
 
 
@@ -137,8 +174,13 @@ def _line(name: str, score: AnchorScore, found: TrainingBoxes) -> str:
 
 def report(plan: AnchorPlan, found: TrainingBoxes, budget: int) -> list[str]:
     """The lines `medrpn plan` prints."""
+    zooms = (
+        f" (and each at the augmentation's zoom {' and '.join(f'{z:g}' for z in found.zooms)}: {len(found.boxes)} boxes planned for)"
+        if found.zooms
+        else ""
+    )
     lines = [
-        f"boxes         {len(found.boxes)} in the training split, at image_size {found.image_size}; "
+        f"boxes         {found.split_boxes} in the training split, at image_size {found.image_size}{zooms}; "
         f"levels of stride {', '.join(map(str, plan.strides))}; coverage = share of boxes with an anchor at IoU >= {COVERAGE_IOU}",
     ]
     if plan.before is not None:

@@ -23,7 +23,7 @@ from medrpn.model.anchor_planning import (
     torchvision_anchors,
 )
 from medrpn.model.anchors import AnchorConfig, build_anchor_generator
-from medrpn.plan import main, plan_for_config
+from medrpn.plan import main, plan_for_config, training_boxes, zoomed
 from medrpn.synth import write_synthetic_dataset
 
 STAGES = [1, 2, 3, 4]  # strides 4, 8, 16, 32 and the pooled 64
@@ -117,6 +117,23 @@ def test_levels_no_box_needs_are_empty_and_every_box_keeps_a_level():
     assert np.mean(best[:200] >= 0.5) >= 0.9 and np.mean(best[200:] >= 0.5) == 1.0
 
 
+def test_planning_over_the_augmentations_zooms_covers_the_lesions_at_those_sizes_too():
+    # round lesions of 20-40 px, one anchor per position: planned on the boxes alone, the anchors fit
+    # those sizes and miss many of the same lesions zoomed by 0.7 or 1.4, which training shows the model
+    boxes = _boxes(200, short=(20, 40), aspect=1.0, both_ways=False, seed=0)
+    small, large = zoomed(boxes, 0.7, 256), zoomed(boxes, 1.4, 256)
+    np.testing.assert_allclose((small[:, 2:] - small[:, :2]) / (boxes[:, 2:] - boxes[:, :2]), 0.7)
+    np.testing.assert_allclose(small[:, :2] + small[:, 2:], boxes[:, :2] + boxes[:, 2:])  # same centres
+
+    def covered(plan, these):
+        return np.mean(anchor_best_iou(these, AnchorSetup(plan.anchors, STAGES), 256) >= 0.5)
+
+    plain = plan_anchors(boxes, STAGES, 256, anchors_per_position=1)
+    with_zooms = plan_anchors(np.concatenate([boxes, small, large]), STAGES, 256, anchors_per_position=1)
+    assert covered(plain, boxes) == 1.0 and covered(plain, small) < 0.9 and covered(plain, large) < 0.9
+    assert covered(with_zooms, boxes) == covered(with_zooms, small) == covered(with_zooms, large) == 1.0
+
+
 def test_bad_budget_and_no_boxes_are_refused():
     with pytest.raises(ConfigError, match="at least 1"):
         plan_anchors(_boxes(10, (8, 9), 1.0, False, 0), STAGES, 256, anchors_per_position=0)
@@ -150,7 +167,10 @@ def test_cli_prints_before_and_after_and_writes_a_config_that_loads(synth, tmp_p
     train_boxes = sum(len(r.boxes) for r in dm.splits["train"])
     all_boxes = sum(len(r.boxes) for r in dm.records)
     assert 0 < train_boxes < all_boxes
-    assert f"boxes         {train_boxes} in the training split, at image_size 64" in out
+    assert (
+        f"boxes         {train_boxes} in the training split, at image_size 64 "
+        f"(and each at the augmentation's zoom 0.85 and 1.15: {3 * train_boxes} boxes planned for)" in out
+    )
     lines = {line.split()[0]: line for line in out.splitlines()}
     assert "sizes [[8], [16], [32], [64]]; ratios [0.5, 1.0, 2.0]" in lines["before"]
     assert "sizes [[32], [64], [128], [256]]" in lines["torchvision"]
@@ -161,6 +181,24 @@ def test_cli_prints_before_and_after_and_writes_a_config_that_loads(synth, tmp_p
     assert setup.anchors == plan.anchors
     assert f"coverage {plan.coverage:.1%}, mean IoU {plan.mean_iou:.3f}, {plan.anchors_per_image} anchors/image" in lines["planned"]
     assert plan.coverage >= plan.before.coverage
+
+
+def test_the_training_boxes_come_also_at_the_augmentations_smallest_and_largest_zoom(synth, tmp_path):
+    config, _ = _config(tmp_path, synth)
+    config["data"]["augment"] = {"scale": [0.8, 1.25]}
+    found = training_boxes(config["data"])
+    train = LesionDataModule(**config["data"]).splits["train"]
+    n = sum(len(r.boxes) for r in train)
+    assert found.split_boxes == n and found.zooms == (0.8, 1.25) and len(found.boxes) == 3 * n
+    np.testing.assert_allclose(found.in_split, np.concatenate([r.boxes for r in train]))  # 64 px images: scale 1
+    np.testing.assert_array_equal(found.labels, np.tile(np.concatenate([r.labels for r in train]), 3))
+    for i, zoom in enumerate(found.zooms, start=1):
+        copy = found.boxes[i * n : (i + 1) * n]
+        np.testing.assert_allclose(copy, zoomed(found.in_split, zoom, 64))
+        assert copy.min() >= 0 and copy.max() <= 64  # cut at the border, as augmentation cuts them
+    config["data"]["augment"] = {"affine": 0.0}  # no zoom in training: nothing added
+    found = training_boxes(config["data"])
+    assert found.zooms == () and len(found.boxes) == found.split_boxes == n
 
 
 def test_auto_anchors_plan_without_a_before(synth, tmp_path, capsys):
