@@ -94,3 +94,14 @@ def test_decay_outside_zero_to_one_is_refused():
     for decay in (0.0, 1.0, 1.5):
         with pytest.raises(ConfigError, match="ModelEMA.decay must be in"):
             ModelEMA(decay=decay)
+
+
+def test_the_decay_ramps_up_to_its_ceiling():
+    from medrpn.weight_averaging import ramped_decay
+
+    assert ramped_decay(0.998, 1) == pytest.approx(2 / 11)
+    assert ramped_decay(0.998, 100) == pytest.approx(101 / 110)
+    assert ramped_decay(0.998, 10_000) == 0.998
+    ema = ModelEMA(decay=0.998)
+    average, current = torch.zeros(3), torch.ones(3)
+    torch.testing.assert_close(ema._update(average, current, torch.tensor(1)), torch.full((3,), 9 / 11))
