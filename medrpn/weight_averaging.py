@@ -35,6 +35,7 @@ from lightning.pytorch import LightningModule, Trainer
 import torch
 from lightning.pytorch.callbacks import WeightAveraging
 from lightning.pytorch.trainer.states import TrainerFn
+from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 from medrpn.errors import ConfigError
 
@@ -51,12 +52,12 @@ class ModelEMA(WeightAveraging):
         if not 0 < decay < 1:
             raise ConfigError(f"ModelEMA.decay must be in (0, 1), got {decay}")
         self.decay = float(decay)
-        super().__init__(avg_fn=self._update)
+        super().__init__(multi_avg_fn=self._update)
 
-    @torch.no_grad()
-    def _update(self, average: torch.Tensor, current: torch.Tensor, num_averaged: torch.Tensor) -> torch.Tensor:
-        decay = ramped_decay(self.decay, int(num_averaged))
-        return decay * average + (1 - decay) * current
+    def _update(self, averages: list[torch.Tensor], currents: list[torch.Tensor], num_averaged: torch.Tensor) -> None:
+        """One update of a group of tensors (one device and dtype) in place, by torch's EMA with
+        this update's decay (read once per group, not once per tensor: no sync per tensor on a GPU)."""
+        get_ema_multi_avg_fn(ramped_decay(self.decay, int(num_averaged)))(averages, currents, num_averaged)
 
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         """A resumed fit restores the average and the raw weights; any other load (validate, test,

@@ -103,5 +103,8 @@ def test_the_decay_ramps_up_to_its_ceiling():
     assert ramped_decay(0.998, 100) == pytest.approx(101 / 110)
     assert ramped_decay(0.998, 10_000) == 0.998
     ema = ModelEMA(decay=0.998)
-    average, current = torch.zeros(3), torch.ones(3)
-    torch.testing.assert_close(ema._update(average, current, torch.tensor(1)), torch.full((3,), 9 / 11))
+    averages, currents = [torch.zeros(3), torch.zeros(2, dtype=torch.int64)], [torch.ones(3), torch.full((2,), 11)]
+    ema._update(averages[:1], currents[:1], torch.tensor(1))
+    ema._update(averages[1:], currents[1:], torch.tensor(1))  # integer buffers (BatchNorm's batch count)
+    torch.testing.assert_close(averages[0], torch.full((3,), 9 / 11))
+    torch.testing.assert_close(averages[1], torch.full((2,), 9))
