@@ -79,8 +79,12 @@ def test_validate_takes_the_weights_settings_from_the_checkpoint_and_the_rest_as
     assert "model.anchors.sizes: " in result.stdout
     assert "model.rpn.post_nms_top_n_test: 1 as given (the checkpoint was trained with 100)" in result.stdout
     client = mlflow.MlflowClient(tracking_uri=run.tracking_uri)
-    runs = {r.info.run_name: r.data.metrics for r in client.search_runs(client.get_experiment_by_name("medrpn-demo").experiment_id)}
-    assert runs["validate-top1"]["val/rpn_recall100"] < runs[RUN_NAME]["val/rpn_recall100"]
+    runs = {r.info.run_name: r.data for r in client.search_runs(client.get_experiment_by_name("medrpn-demo").experiment_id)}
+    # the run recorded (and its model was built with) the given value, not the checkpoint's; the
+    # tiny model's recall may be 0 after its two training steps, so the figures only must not rise
+    assert runs["validate-top1"].params["model/rpn/post_nms_top_n_test"] == "1"
+    assert runs[RUN_NAME].params["model/rpn/post_nms_top_n_test"] == "100"
+    assert runs["validate-top1"].metrics["val/rpn_recall100"] <= runs[RUN_NAME].metrics["val/rpn_recall100"]
 
 
 def test_checkpoint_model_settings_split_what_the_weights_need_from_what_is_given():
