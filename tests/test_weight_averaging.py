@@ -16,7 +16,7 @@ from medrpn.data.datamodule import LesionDataModule
 from medrpn.errors import ConfigError
 from medrpn.synth import CLASS_NAMES, write_synthetic_dataset
 from medrpn.training import LesionDetectionModule
-from medrpn.weight_averaging import ModelEMA
+from medrpn.weight_averaging import ModelEMA, ramped_decay
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -97,8 +97,6 @@ def test_decay_outside_zero_to_one_is_refused():
 
 
 def test_the_decay_ramps_up_to_its_ceiling():
-    from medrpn.weight_averaging import ramped_decay
-
     assert ramped_decay(0.998, 1) == pytest.approx(2 / 11)
     assert ramped_decay(0.998, 100) == pytest.approx(101 / 110)
     assert ramped_decay(0.998, 10_000) == 0.998
