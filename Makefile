@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test setup clean-demo
+.PHONY: demo test test-lowest setup conformance-tools clean-demo
 
 setup: $(VENV)/.installed
 
@@ -24,8 +24,28 @@ demo: setup
 	@echo "           checkpoint:   $(CURDIR)/demo/checkpoints/best.ckpt"
 	@echo "           findings:     $(CURDIR)/demo/findings  (per study: findings.json, DICOM SR, GSPS, overlay PNGs)"
 
-test: setup
+test: setup conformance-tools
 	$(BIN)/python -m pytest -q
+
+# The same tests on the lowest versions pyproject.toml allows (.ci/lowest.txt), in a venv of their
+# own: the floors are tested, not guessed. LOWEST_TESTS picks the tests (default: all).
+LOWEST_VENV ?= .venv-lowest
+LOWEST_TESTS ?=
+test-lowest: $(LOWEST_VENV)/.installed conformance-tools
+	NO_ALBUMENTATIONS_UPDATE=1 $(LOWEST_VENV)/bin/python -m pytest -q $(LOWEST_TESTS)
+
+$(LOWEST_VENV)/.installed: pyproject.toml .ci/lowest.txt
+	$(PYTHON) -m venv $(LOWEST_VENV)
+	$(LOWEST_VENV)/bin/python -m pip install --quiet -e ".[dev]" -c .ci/lowest.txt
+	touch $@
+
+# dciodvfy (Debian's dicom3tools) checks the DICOM SR/GSPS that predict writes. Installed where
+# apt-get can (as root); elsewhere those checks skip and the test summary says so.
+conformance-tools:
+	@command -v dciodvfy >/dev/null 2>&1 \
+	  || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
+	       && apt-get update -qq && apt-get install -y -qq dicom3tools >/dev/null; } \
+	  || echo "dicom3tools could not be installed: the DICOM conformance checks (dciodvfy) will be skipped"
 
 clean-demo:
 	rm -rf demo

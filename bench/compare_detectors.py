@@ -1,8 +1,9 @@
-"""Trains and evaluates medrpn, torchvision's Faster R-CNN and MONAI's RetinaNet side by side.
+"""Trains and evaluates medrpn, torchvision's Faster R-CNN, MONAI's RetinaNet and Ultralytics YOLO side by side.
 
-Every system is trained from scratch on the same data pipeline (medrpn's `LesionDataModule`
+Every system but YOLO is trained from scratch on the same data pipeline (medrpn's `LesionDataModule`
 reading the recipe's data settings, the same batches in the same order), with the same optimiser,
-schedule and training budget, then evaluated on the same validation split with medrpn's own
+schedule and training budget; YOLO is trained from scratch by Ultralytics' own trainer on the same
+training images for the same budget (bench/detectors/yolo_system.py). All are then evaluated on the same validation split with medrpn's own
 metrics (FROC, CPM, mAP, proposal recall) and timed. The split is written to `<out>/split.json`
 first: within each class folder, images sorted by file number, the first 80% train and the last
 20% validate (contiguous blocks, as a patient's slices have neighbouring numbers).
@@ -15,8 +16,12 @@ first: within each class folder, images sorted by file number, the first 80% tra
 Systems (`--systems`, comma-separated; default all): medrpn (the recipe's model), medrpn_mobilenet
 (the recipe with a MobileNetV3-Large backbone), tv_resnet50 and tv_mobilenet (torchvision
 `fasterrcnn_resnet50_fpn` / `fasterrcnn_mobilenet_v3_large_fpn`), monai_retinanet (MONAI 2D
-RetinaNet). Each runs in its own process, one after the other. Writes `results.json` and
-`results.md` to `--out` after every system. When the data folder is absent it says so and exits 0.
+RetinaNet), and yolov8n, yolov8s, yolo11n, yolo11s (Ultralytics YOLO from scratch with its own
+trainer and augmentation, as its users run it; needs the `bench` extra, `pip install -e .[bench]`,
+and is left out of the default when Ultralytics is not installed). Each runs in its own process,
+one after the other. Writes `results.json` and
+`results.md` to `--out` after every system. When the data folder is absent it says so and exits 2:
+a comparison that measured nothing is not a success.
 """
 
 from __future__ import annotations
@@ -36,7 +41,12 @@ DEFAULT_MINUTES = 12.0
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from bench.detectors.run import SYSTEMS
+    import importlib.util
+
+    from bench.detectors.run import SYSTEMS, YOLO_SYSTEMS
+
+    have_yolo = importlib.util.find_spec("ultralytics") is not None
+    default_systems = [s for s in SYSTEMS if have_yolo or s not in YOLO_SYSTEMS]
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=Path("../shared/data/brain-tumor-mri"), help="YOLO folder (class folders 0/ 1/ 2/)")
@@ -45,7 +55,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--image-size", type=int, default=None, help="network input side (default: the recipe's)")
     parser.add_argument("--budget-minutes", type=float, default=None, help=f"training wall-clock per system (default {DEFAULT_MINUTES:g} without --budget-epochs)")
     parser.add_argument("--budget-epochs", type=int, default=None, help="training epochs per system (with --budget-minutes: whichever ends first)")
-    parser.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma-separated subset of {','.join(SYSTEMS)}")
+    parser.add_argument("--systems", default=",".join(default_systems), help=f"comma-separated subset of {','.join(SYSTEMS)}")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto: cuda when available")
     parser.add_argument("--batch-size", type=int, default=None, help="default: the recipe's")
     parser.add_argument("--num-workers", type=int, default=None, help="DataLoader workers (default: the recipe's)")
@@ -69,8 +79,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if not args.data.is_dir():
-        print(f"compare_detectors: skipped: data folder {args.data} not found; nothing to compare (it is the brain tumour MRI set of configs/brain_tumor_mri.yaml)")
-        return 0
+        print(f"compare_detectors: data folder {args.data} not found; nothing compared (it is the brain tumour MRI set of configs/brain_tumor_mri.yaml)", file=sys.stderr)
+        return 2
 
     import torch
     import yaml

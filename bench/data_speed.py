@@ -2,7 +2,7 @@
 
     python bench/data_speed.py [--n-images 32] [--size 2048] [--image-size 512] [--workers 2]
 
-A folder of synthetic 16-bit DX files (`medrpn.synth`, `--size` pixels square, 12 bits stored)
+A folder of synthetic 16-bit DX files (`medrpn.data.synth`, `--size` pixels square, 12 bits stored)
 is read four ways:
 
 1. reading alone: `medrpn.data.io.read_image` (plain pydicom: decode, modality LUT, window) over
@@ -29,7 +29,7 @@ from pathlib import Path
 from medrpn.data.cache import CacheConfig
 from medrpn.data.datamodule import LesionDataModule
 from medrpn.data.io import read_image
-from medrpn.synth import write_synthetic_dataset
+from medrpn.data.synth import write_synthetic_dataset
 
 
 def _rate(n: int, seconds: float) -> str:

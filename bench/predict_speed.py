@@ -2,7 +2,7 @@
 
     python bench/predict_speed.py [--n-images 200] [--image-size 256] [--ckpt CKPT] [--workers 0 1]
 
-A folder of synthetic DX files (`medrpn.synth`) goes through `medrpn.predict.predict_files` once
+A folder of synthetic DX files (`medrpn.data.synth`) goes through `medrpn.inference.predict.predict_files` once
 per worker setting, into a fresh output folder each time: scan, read + transform in DataLoader
 workers, batched inference with the model loaded once, and per study the overlay PNGs, findings
 JSON, DICOM SR and GSPS. Without ``--ckpt`` the model is the demo architecture (ResNet-18 FPN,
@@ -24,9 +24,9 @@ from pathlib import Path
 
 import torch
 
-from medrpn.predict import default_num_workers, load_checkpoint, predict_files
-from medrpn.synth import write_synthetic_dataset
-from medrpn.training import LesionDetectionModule
+from medrpn.inference.predict import default_num_workers, load_checkpoint, predict_files
+from medrpn.data.synth import write_synthetic_dataset
+from medrpn.training.lightning_module import LesionDetectionModule
 
 
 def _demo_checkpoint(path: Path, image_size: int) -> Path:

@@ -71,7 +71,7 @@ EXPERIMENT = "medrpn-ablation"
 METRICS = ("rpn_recall100", "cpm", "froc_1fp", "map50")  # val/<name>; the best epoch is the best val/cpm
 BATCH_SIZES = (1, 8)
 INFER_REPEATS = 3
-LOGGER_CLASS = "medrpn.tracking_outbox.MLflowLogger"
+LOGGER_CLASS = "medrpn.training.tracking_outbox.MLflowLogger"
 
 
 # --- timing inside the fit -------------------------------------------------------------------
@@ -120,7 +120,7 @@ class FitClock(Callback):
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not trainer.is_global_zero:
             return
-        from medrpn.tracking import mlflow_logger
+        from medrpn.training.tracking import mlflow_logger
 
         images = self.images * trainer.world_size  # every rank trains its own share
         rate = images / self.seconds if self.seconds > 0 else None
@@ -201,7 +201,7 @@ def recipe_anchors(config: dict[str, Any]) -> dict[str, Any]:
 
     anchors = get_dotted(config, "model.anchors")
     if anchors == "auto":
-        from medrpn.plan import plan_for_config
+        from medrpn.commands.plan import plan_for_config
 
         return asdict(plan_for_config(config, get_dotted(config, "model.anchors_per_position", 3)).anchors)
     return asdict(AnchorConfig(**(anchors or {})))
@@ -214,7 +214,7 @@ def _describe_anchors(anchors: dict[str, Any]) -> str:
 
 def _planned(budget: int) -> Callable[[dict[str, Any]], tuple[dict[str, Any], str]]:
     def build(config: dict[str, Any]) -> tuple[dict[str, Any], str]:
-        from medrpn.plan import plan_for_config
+        from medrpn.commands.plan import plan_for_config
 
         anchors = asdict(plan_for_config(config, budget).anchors)
         return {"model.anchors": anchors}, f"anchors planned (<= {budget}/position): {_describe_anchors(anchors)}"
@@ -324,8 +324,8 @@ def anchor_figures(anchors: dict[str, Any], stages: list[int], image_size: int, 
 
 def training_boxes_or_none(config: dict[str, Any]) -> Any:
     """The training split's boxes in input pixels (as `medrpn plan` reads them, without its zoomed copies), None when they cannot be read."""
-    from medrpn.check_data import config_sections
-    from medrpn.plan import training_boxes
+    from medrpn.commands.config_parser import config_sections
+    from medrpn.commands.plan import training_boxes
 
     try:
         return training_boxes(config_sections(config, "recipe")[0]).in_split
@@ -337,9 +337,9 @@ def training_boxes_or_none(config: dict[str, Any]) -> Any:
 def best_epoch_metrics(tracking_uri: str, run_id: str) -> dict[str, Any]:
     """The run's validation metrics at the validation with the highest val/cpm (the first of equals, as
     ModelCheckpoint keeps it), its epoch, and the held-out test metrics of the final evaluation."""
-    from mlflow.tracking import MlflowClient
+    from medrpn.training.runs import client_for
 
-    client = MlflowClient(tracking_uri)
+    client = client_for(tracking_uri)
     history = client.get_metric_history(run_id, "val/cpm")
     if not history:
         return {"best_epoch": None, **{f"val_{m}": None for m in METRICS}, "test": {}}
@@ -360,14 +360,12 @@ def inference_speed(
 ) -> dict[str, float]:
     """Images per second of the checkpoint's detector at each of `BATCH_SIZES`, on random images,
     with the variant's `model.rpn.*` overrides (a re-evaluated variant's proposal settings)."""
-    from medrpn.training import LesionDetectionModule
+    from medrpn.training.lightning_module import module_from_checkpoint, read_module_checkpoint
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rpn = {key.removeprefix("model.rpn."): value for key, value in (overrides or {}).items() if key.startswith("model.rpn.")}
-    saved = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)["hyper_parameters"]
-    module = LesionDetectionModule.load_from_checkpoint(
-        checkpoint, map_location="cpu", weights_only=True, rpn={**saved["rpn"], **rpn}
-    )
+    saved = read_module_checkpoint(checkpoint)
+    module = module_from_checkpoint(checkpoint, {"rpn": {**saved["hyper_parameters"]["rpn"], **rpn}}, checkpoint=saved)
     model = module.model.to(device).eval()
     channels = module.detector_config.backbone.in_channels
     generator = torch.Generator().manual_seed(0)
@@ -404,9 +402,9 @@ def trains_like_baseline(recipe: dict[str, Any], overrides: dict[str, Any]) -> b
 
 def latest_run_id(tracking_uri: str, run_name: str) -> str:
     """The newest MLflow run named `run_name` in the ablation's experiment."""
-    from mlflow.tracking import MlflowClient
+    from medrpn.training.runs import client_for
 
-    client = MlflowClient(tracking_uri)
+    client = client_for(tracking_uri)
     experiment = client.get_experiment_by_name(EXPERIMENT)
     runs = client.search_runs(
         [experiment.experiment_id] if experiment else [], filter_string=f"attributes.run_name = '{run_name}'",
@@ -605,9 +603,9 @@ def main(argv: list[str] | None = None) -> None:
     unknown = [n for n in names if n not in VARIANTS]
     if unknown or not names:
         parser.error(f"unknown variant(s) {unknown}; known: {', '.join(VARIANTS)}")
-    from medrpn.check_data import read_config
+    from medrpn.commands.config_parser import read_yaml
 
-    recipe = read_config(args.config)
+    recipe = read_yaml(args.config)
     if not isinstance(recipe, dict):
         parser.error(f"{args.config}: not a config mapping")
     sets = parse_sets(args.sets)

@@ -30,7 +30,7 @@ import torch
 import yaml
 from lightning.pytorch.callbacks import Callback
 
-from medrpn.training import LesionDetectionModule
+from medrpn.training.lightning_module import LesionDetectionModule
 
 OPTIONS = ("fp32", "bf16-mixed", "16-mixed", "channels_last", "compile", "accumulate2")
 

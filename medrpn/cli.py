@@ -1,16 +1,17 @@
 """The `medrpn` command.
 
-Training subcommands (fit, validate, test) come from LightningCLI (`medrpn.lightning_cli`): every
+Training subcommands (fit, validate, test) come from LightningCLI (`medrpn.training.cli`): every
 setting lives in YAML (`--config configs/demo.yaml`), can be overridden on the command line and
-printed with `--print_config`. The other subcommands need no training config; each is the `main`
-of its module, imported only when called so that they start quickly:
+printed with `--print_config`. check-data, plan, evaluate and fit-crops read that config with the
+same parser (`medrpn.commands.config_parser`). Each of the other subcommands is the `main` of its module,
+imported only when called so that they start quickly:
 
     medrpn synth --out DIR                                       the synthetic DICOM demo dataset
     medrpn check-data --config CFG                               what a dataset holds, before training
     medrpn plan --config CFG [--output NEW.yaml]                 anchors planned from the training boxes
     medrpn predict --ckpt CKPT --input FILE_OR_DIR --output DIR  findings, DICOM SR and GSPS for new scans
-    medrpn evaluate --ckpt CKPT --config CFG [--split val|test]  the full evaluation table, into the run
-    medrpn fit-crops --ckpt CKPT --config CFG                    a second-stage crop classifier
+    medrpn evaluate --ckpt CKPT [--config CFG] [--split val|test] the full evaluation table, into the run
+    medrpn fit-crops --ckpt CKPT [--config CFG]                  a second-stage crop classifier
     medrpn compare RUN [RUN ...]                                 runs side by side, FROC curves overlaid
     medrpn mlflow-sync OUTBOX                                    send what a run kept while its server was away
 """
@@ -24,14 +25,14 @@ from medrpn.errors import MedrpnError
 
 # Subcommands that need no training config: name -> module whose main(argv) runs it.
 TOOLS: dict[str, str] = {
-    "synth": "medrpn.synth",
-    "check-data": "medrpn.check_data",
-    "plan": "medrpn.plan",
-    "fit-crops": "medrpn.second_stage.tool",
-    "predict": "medrpn.predict",
-    "evaluate": "medrpn.evaluate",
-    "compare": "medrpn.compare",
-    "mlflow-sync": "medrpn.tracking_outbox",
+    "synth": "medrpn.commands.synth",
+    "check-data": "medrpn.commands.check_data",
+    "plan": "medrpn.commands.plan",
+    "fit-crops": "medrpn.commands.fit_crops",
+    "predict": "medrpn.commands.predict",
+    "evaluate": "medrpn.commands.evaluate",
+    "compare": "medrpn.commands.compare",
+    "mlflow-sync": "medrpn.commands.mlflow_sync",
 }
 
 
@@ -41,7 +42,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if args and args[0] in TOOLS:
             return importlib.import_module(TOOLS[args[0]]).main(args[1:])
-        from medrpn.lightning_cli import run
+        from medrpn.training.cli import run
 
         run(None if argv is None else args)  # None: LightningCLI reads the command line itself
     except MedrpnError as error:

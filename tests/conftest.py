@@ -2,8 +2,21 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """Say it plainly when the DICOM conformance checks of the SR and GSPS did not run."""
+    if shutil.which("dciodvfy") is None:
+        terminalreporter.write_line(
+            "DICOM conformance checks (dciodvfy) SKIPPED: dicom3tools is not installed "
+            "(`apt-get install dicom3tools`; `make test` installs it where it runs as root)",
+            yellow=True,
+            bold=True,
+        )
 
 
 @pytest.fixture(scope="module")

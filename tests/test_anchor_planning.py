@@ -12,7 +12,7 @@ import yaml
 from torchvision.models.detection.image_list import ImageList
 from torchvision.ops import box_iou
 
-from medrpn.check_data import load_config
+from medrpn.commands.config_parser import config_sections, parse_training_config, training_config_parser
 from medrpn.data.datamodule import LesionDataModule
 from medrpn.errors import ConfigError
 from medrpn.model.anchor_planning import (
@@ -23,8 +23,8 @@ from medrpn.model.anchor_planning import (
     torchvision_anchors,
 )
 from medrpn.model.anchors import AnchorConfig, build_anchor_generator
-from medrpn.plan import main, plan_for_config, training_boxes, zoomed
-from medrpn.synth import write_synthetic_dataset
+from medrpn.commands.plan import main, plan_for_config, training_boxes, zoomed
+from medrpn.data.synth import write_synthetic_dataset
 
 STAGES = [1, 2, 3, 4]  # strides 4, 8, 16, 32 and the pooled 64
 
@@ -175,8 +175,13 @@ def test_cli_prints_before_and_after_and_writes_a_config_that_loads(synth, tmp_p
     assert "sizes [[8], [16], [32], [64]]; ratios [0.5, 1.0, 2.0]" in lines["before"]
     assert "sizes [[32], [64], [128], [256]]" in lines["torchvision"]
     assert "per class: nodule " in lines["planned"] and "spiculated " in lines["planned"]
-    data, setup = load_config(out_path)
-    assert data == config["data"] and setup.returned_stages == [1, 2, 3]
+    # the written config, given after the planned one as fit takes it, changes the anchors alone
+    parse = lambda *files: parse_training_config(training_config_parser("t", "t"), [a for f in files for a in ("--config", str(f))])[1]  # noqa: E731
+    written, given = parse(path, out_path), parse(path)
+    data, setup = config_sections(written, out_path)
+    assert data == given["data"] and data["annotations"] == config["data"]["annotations"]
+    assert {**written["model"], "anchors": None} == {**given["model"], "anchors": None}
+    assert setup.returned_stages == [1, 2, 3]
     plan = plan_for_config(config)
     assert setup.anchors == plan.anchors
     assert f"coverage {plan.coverage:.1%}, mean IoU {plan.mean_iou:.3f}, {plan.anchors_per_image} anchors/image" in lines["planned"]
@@ -210,12 +215,18 @@ def test_auto_anchors_plan_without_a_before(synth, tmp_path, capsys):
     assert "\nbefore " not in out and "planned (<=2)" in out
 
 
-def test_bad_config_path_is_a_clean_config_error(tmp_path):
-    with pytest.raises(ConfigError, match="config file not found"):
+def test_a_bad_config_is_refused_in_one_line_as_fit_refuses_it(tmp_path, capsys):
+    # the parser is fit's: a missing file or a setting of the wrong type exits 2 with the reason
+    with pytest.raises(SystemExit) as exit_:
         main(["--config", str(tmp_path / "nope.yaml")])
+    assert exit_.value.code == 2
+    assert f"File does not exist: '{tmp_path / 'nope.yaml'}'" in capsys.readouterr().err
     (tmp_path / "bad.yaml").write_text("model: {anchors: 3}\ndata: {annotations: x}\n")
-    with pytest.raises(ConfigError, match="model.anchors must be 'auto' or a mapping"):
+    with pytest.raises(SystemExit) as exit_:
         main(["--config", str(tmp_path / "bad.yaml")])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "model.anchors" in err and "Traceback" not in err
 
 
 def test_fit_with_anchors_auto_trains_and_records_the_planned_anchors(request, tmp_path_factory):

@@ -68,7 +68,7 @@ def test_coco_with_given_class_names_maps_by_name(tmp_path):
     [
         ([10, 10, -5, 4], "width and height must be positive"),
         ([10, 10, 5, 0], "width and height must be positive"),
-        ([10, "ten", 5, 4], "finite numbers"),
+        ([10, "ten", 5, 4], "values must be numbers"),
         ([10, 10, 5], r"must be \[x, y, width, height\]"),
         (None, r"must be \[x, y, width, height\]"),
     ],
@@ -389,3 +389,87 @@ def test_format_detection_by_content(tmp_path):
     with pytest.raises(DataError, match="unrecognised CSV header") as err:
         detect_format(write_csv(tmp_path / "other.csv", "a,b,c\n"))
     assert err.value.row == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# A coordinate that is not a finite number, in every format
+
+
+def _non_finite_yolo(tmp_path: Path) -> tuple[Path, Path, int | None, str]:
+    _image(tmp_path / "good.png", 100, 50)
+    (tmp_path / "good.txt").write_text("0 0.5 0.5 0.2 0.2\n")
+    _image(tmp_path / "bad.png", 100, 50)
+    (tmp_path / "bad.txt").write_text("0 0.5 0.5 0.2 0.2\n0 nan nan nan nan\n")  # the line of issue 21
+    (tmp_path / "classes.txt").write_text("lesion\n")
+    return tmp_path, tmp_path / "bad.txt", 2, "x1, y1, x2, y2 are not a finite number"
+
+
+def _non_finite_csv(tmp_path: Path) -> tuple[Path, Path, int | None, str]:
+    path = write_csv(tmp_path / "l.csv", "image,x1,y1,x2,y2,label\ngood.png,1,1,5,5,mass\nbad.png,1,1,inf,5,mass\n")
+    return path, path, 3, "x2 is not a finite number"
+
+
+def _non_finite_coco(tmp_path: Path) -> tuple[Path, Path, int | None, str]:
+    path = write_coco(  # json writes float("nan") as NaN, and reads it back
+        tmp_path / "a.json",
+        images=[{"id": 3, "file_name": "good.png"}, {"id": 7, "file_name": "bad.png"}],
+        annotations=[
+            {"id": 1, "image_id": 3, "category_id": 5, "bbox": [1, 1, 4, 4]},
+            {"id": 42, "image_id": 7, "category_id": 5, "bbox": [10, float("nan"), 5, 4]},
+        ],
+    )
+    return path, path, None, "annotation 42: y1, y2 are not a finite number"
+
+
+def _non_finite_monai(tmp_path: Path) -> tuple[Path, Path, int | None, str]:
+    items = [
+        {"image": "good.png", "box": [[1, 2, 3, 4]], "label": [0]},
+        {"image": "bad.png", "box": [[1, 2, float("inf"), 4]], "label": [0]},
+    ]
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps({"training": items}))
+    return path, path, None, r"training\[1\]: x2 is not a finite number"
+
+
+def _non_finite_vindr(tmp_path: Path) -> tuple[Path, Path, int | None, str]:
+    path = write_csv(
+        tmp_path / "train.csv",
+        "image_id,class_name,class_id,rad_id,x_min,y_min,x_max,y_max\n"
+        "good,Nodule/Mass,8,R1,1,1,5,5\n"
+        "good,Nodule/Mass,8,R2,1,1,5,5\n"  # two readers: one fused box
+        "bad,Nodule/Mass,8,R2,1,1,5,nan\n",
+    )
+    return path, path, 4, "y2 is not a finite number"
+
+
+def _non_finite_nih(tmp_path: Path) -> tuple[Path, Path, int | None, str]:
+    path = write_csv(
+        tmp_path / "BBox_List_2017.csv",
+        "Image Index,Finding Label,Bbox [x,y,w,h],,,\ngood_0.png,Mass,1,1,4,4\nbad_0.png,Mass,1,-inf,4,4\n",
+    )
+    return path, path, 3, "y1, y2 are not a finite number"
+
+
+def _non_finite_rsna(tmp_path: Path) -> tuple[Path, Path, int | None, str]:
+    path = write_csv(tmp_path / "labels.csv", "patientId,x,y,width,height,Target\ngood,1,1,4,4,1\nbad,nan,1,4,4,1\n")
+    return path, path, 3, "x1, x2 are not a finite number"
+
+
+@pytest.mark.parametrize(
+    "write",
+    [_non_finite_yolo, _non_finite_csv, _non_finite_coco, _non_finite_monai, _non_finite_vindr, _non_finite_nih, _non_finite_rsna],
+)
+def test_a_coordinate_that_is_not_a_finite_number_is_refused_in_every_format(tmp_path, write):
+    """nan or inf passes every comparison (x2 > x1 ...): each reader must refuse it, naming the
+    file and the line or entry, or the augmentation drops the box silently and a lesion is
+    trained as background. Under skip, the image leaves training."""
+    path, source, row, reason = write(tmp_path)
+    with pytest.raises(DataError, match=reason) as err:
+        read_annotations(path)
+    assert (err.value.path, err.value.row) == (str(source), row)
+    problems = Problems("skip")
+    records, _ = read_annotations(path, problems=problems)
+    assert [p.kind for p in problems] == ["not_finite"]
+    assert "bad" in Path(problems.items[0].image).stem
+    assert [r.image_path.stem for r in records if "bad" in r.image_path.stem] == []
+    assert all(np.isfinite(r.boxes).all() for r in records) and sum(len(r.boxes) for r in records) == 1

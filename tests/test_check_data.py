@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import yaml
 
-from medrpn.check_data import AnchorSetup, anchor_best_iou
+from medrpn.commands.check_data import AnchorSetup, anchor_best_iou
 from medrpn.cli import main
 from medrpn.model.anchors import AnchorConfig
-from medrpn.synth import write_synthetic_dataset
+from medrpn.data.synth import write_synthetic_dataset
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +58,7 @@ def test_report_on_a_clean_dataset(synth, tmp_path, capsys):
     assert f"box width     min {min(widths) * 0.5:.1f}," in out  # 0.5 mm pixels
     empty = len(images) - len({r["image"] for r in rows if r["label"]})
     assert f"no boxes      {empty} images without boxes" in out
-    assert "bad boxes     outside the image 0, inverted 0, zero-sized 0, duplicated 0" in out
+    assert "bad boxes     outside the image 0, inverted 0, zero-sized 0, not finite 0, duplicated 0" in out
     patients = len({r["patient_id"] for r in rows})
     split_patients = [int(line.split()[2]) for line in out.splitlines() if line.startswith("split ")]
     assert sum(split_patients) == patients
@@ -118,3 +118,27 @@ def test_anchor_best_iou_uses_the_detector_anchors():
     assert best[0] == pytest.approx(1.0) and best[2] == pytest.approx(1.0)  # a 32 px square centred at (32, 24)
     assert best[1] < 0.1
     assert best[3] == pytest.approx(196 / (256 * 2 - 196))  # 2 px off the nearest 16 px anchor in x and y
+
+
+def test_a_nan_box_is_reported_as_a_problem_not_as_a_size(tmp_path, capsys):
+    """Issue 21: a YOLO line `0 nan nan nan nan` was taken as a box, so the report said
+    "box width min nan ... ready to train". It is a problem naming the label file and line, its
+    image leaves training, and the box sizes are those of the real boxes."""
+    from PIL import Image as PILImage
+
+    root = tmp_path / "yolo"
+    root.mkdir()
+    (root / "classes.txt").write_text("lesion\n")
+    for i in range(12):
+        PILImage.new("L", (64, 64), 40).save(root / f"{i:02d}.png")
+        (root / f"{i:02d}.txt").write_text("0 0.5 0.5 0.25 0.25\n")  # a 16 x 16 px box
+    (root / "05.txt").write_text("0 0.5 0.5 0.25 0.25\n0 nan nan nan nan\n")
+    code, out = _run(_config(tmp_path, root), capsys)
+    assert code == 0, out  # skip: the other eleven images can be trained on
+    assert "problems      1 in the annotations" in out
+    assert f"  not_finite    {root / '05.txt'}, row 2: x1, y1, x2, y2 are not a finite number" in out
+    assert "usable        11 images (1 left out)" in out
+    assert "box width     min 16.0, 5% 16.0, median 16.0, 95% 16.0, max 16.0 px" in out
+    figures = [line for line in out.splitlines() if not line.startswith("  ") and str(tmp_path) not in line]
+    assert not [line for line in figures if "nan" in line]  # no size, share or count computed from the nan
+    assert "zero-sized 0, not finite 1, duplicated 0" in out

@@ -17,8 +17,8 @@ import pytest
 import torch
 from PIL import Image as PILImage
 
-from medrpn.predict import predict_files
-from medrpn.synth import write_synthetic_dataset
+from medrpn.inference.predict import predict_files
+from medrpn.data.synth import write_synthetic_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -81,7 +81,7 @@ def test_mlflow_store_has_params_metrics_and_artifacts(trained):
     assert tags["medrpn.git_commit"]
     for loss in ("loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg"):
         assert f"train/{loss}_epoch" in metrics
-    for key in ("froc_0.125fp", "froc_1fp", "froc_8fp", "cpm", "map50", "rpn_recall100"):
+    for key in ("froc_0.125fp", "froc_1fp", "froc_8fp", "cpm", "cpm_iou50", "map50", "rpn_recall100"):
         assert f"val/{key}" in metrics and f"test/{key}" in metrics
     client = mlflow.MlflowClient()
     val_cpm = client.get_metric_history(run.info.run_id, "val/cpm")
@@ -114,6 +114,7 @@ def test_predict_writes_findings_and_overlays_and_skips_bad_files(trained, tmp_p
     (entry,) = plain["images"]
     assert entry["height"] == 80 and entry["width"] == 100
     assert plain["model"]["score_threshold"] == 0.0
+    assert entry["findings"], "at threshold 0 the RoI head's 0.01 floor keeps findings even untrained"
     for finding in entry["findings"]:
         x1, y1, x2, y2 = finding["box_px"]
         assert 0 <= x1 < x2 <= 100 and 0 <= y1 < y2 <= 80  # back in the original image's pixels
@@ -123,6 +124,7 @@ def test_predict_writes_findings_and_overlays_and_skips_bad_files(trained, tmp_p
     dicom_entry = dicom_findings["images"][0]
     assert dicom_entry["pixel_spacing_mm"] == [0.5, 0.5]
     assert dicom_entry["sop_instance_uid"]
+    assert dicom_entry["findings"]
     assert all(f["box_mm"] is not None for f in dicom_entry["findings"])
     assert (study.parent / "sr.dcm").is_file()
     assert PILImage.open(out / entry["overlay"]).size == (100, 80)
@@ -163,7 +165,7 @@ def test_sync_batchnorm_on_cpu_is_a_clear_error(tmp_path):
 
 
 def test_bf16_on_a_cpu_that_emulates_it_is_warned_of(tmp_path):
-    from medrpn.lightning_cli import cpu_has_bf16
+    from medrpn.training.cli import cpu_has_bf16
 
     result = _medrpn(
         "fit", "--config", str(REPO / "configs" / "demo.yaml"), "--trainer.accelerator", "cpu",

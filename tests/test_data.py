@@ -56,17 +56,26 @@ def test_resize_and_pad_scale_boxes_with_the_image():
 
 
 def test_augmentation_keeps_boxes_on_their_lesion():
+    """Flip, then a random scale/shift/rotation: the box must follow the bright square every time.
+    The square lies 10 px inside the image and the shift is at most 5%, so no draw may push it out.
+    Albumentations 2 ignores numpy's seed: its own (`set_random_seed`) makes the draws repeatable."""
     transform = build_transform(96, AugmentConfig(horizontal_flip=1.0, affine=1.0, intensity=0.0))
     image = np.zeros((96, 96), dtype=np.float32)
     image[10:30, 60:80] = 1.0
-    for seed in range(5):
-        np.random.seed(seed)
+    boxes = []
+    for seed in range(8):
+        transform.set_random_seed(seed)
         out = transform(image=image, bboxes=np.array([[60.0, 10.0, 80.0, 30.0]]), labels=[0])
-        if len(out["bboxes"]) == 0:
-            continue  # pushed out of the image by the random shift: allowed
+        assert len(out["bboxes"]) == 1, f"seed {seed}: the box was dropped"
         x1, y1, x2, y2 = (int(round(v)) for v in out["bboxes"][0])
         inside = out["image"][max(y1, 0) : y2, max(x1, 0) : x2]
-        assert inside.mean() > 0.6  # the box still frames the bright square
+        assert inside.mean() > 0.6, f"seed {seed}: the box no longer frames the bright square"
+        assert x2 < 48  # flipped to the left half with its square
+        boxes.append(out["bboxes"][0])
+    assert len({tuple(np.round(b, 3)) for b in boxes}) == 8  # every seed drew another transform
+    transform.set_random_seed(3)
+    again = transform(image=image, bboxes=np.array([[60.0, 10.0, 80.0, 30.0]]), labels=[0])
+    np.testing.assert_allclose(again["bboxes"][0], boxes[3])  # the seed decides the draw
 
 
 def test_unreadable_file_is_reported_by_path_and_skipped(tmp_path, caplog):
@@ -88,16 +97,33 @@ def test_unreadable_file_is_reported_by_path_and_skipped(tmp_path, caplog):
     assert collate_detection([None, None])["images"].numel() == 0
 
 
+def test_a_programming_error_in_making_a_sample_propagates(tmp_path):
+    """Only a file that cannot be read is skipped: a bug (here a transform raising TypeError) must
+    stop the epoch, not silently shrink the training, validation and test sets."""
+    import albumentations as A
+
+    def broken(image, **params):
+        raise TypeError("a bug in a transform")
+
+    image = tmp_path / "good.png"
+    PILImage.fromarray(np.full((32, 32), 128, dtype=np.uint8)).save(image)
+    transform = A.Compose([A.Lambda(image=broken)], bbox_params=A.BboxParams(format="pascal_voc", label_fields=["labels"]))
+    dataset = DetectionDataset([Record(image, np.array([[2.0, 2.0, 10.0, 10.0]]), np.array([0]))], transform, image_size=32)
+    with pytest.raises(TypeError, match="a bug in a transform"):
+        dataset[0]
+
+
 # ---------------------------------------------------------------------------------------------
 # Patient groups, stratification, k folds
 
+import csv  # noqa: E402
 import os  # noqa: E402
 import shutil  # noqa: E402
 from collections import Counter  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from medrpn.data.splits import group_keys, kfold_by_patient  # noqa: E402
-from medrpn.synth import write_synthetic_dataset  # noqa: E402
+from medrpn.data.splits import SplitConfig, group_keys, kfold_by_patient  # noqa: E402
+from medrpn.data.synth import write_synthetic_dataset  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -255,6 +281,32 @@ def test_skip_policy_leaves_bad_images_out_with_a_written_report(synth, tmp_path
     assert sum(len(b["images"]) for b in batches) == 14
 
 
+@pytest.mark.parametrize("cache", ["memory", "none"])
+def test_decompression_bombs_are_left_out_and_reported_before_training(synth, tmp_path, monkeypatch, cache):
+    from bombs import deflated_dicom, rle_bomb
+
+    root = tmp_path / "data"
+    shutil.copytree(synth, root)
+    images = sorted((root / "images").glob("*.dcm"))
+    rle_bomb(images[0])  # declares 65535 x 65535 x 16 bits
+    deflated_dicom(images[1], 2048, 2048)  # inflates to 8 MiB
+    monkeypatch.chdir(tmp_path)
+    dm = LesionDataModule(
+        str(root / "annotations.csv"), image_size=64, num_workers=0, batch_size=4,
+        read={"max_decoded_bytes": 2**20}, cache={"mode": cache},
+    )
+    dm.setup("fit")
+    kept = {r.image_path.name for part in dm.splits.values() for r in part}
+    assert len(kept) == 14 and images[0].name not in kept and images[1].name not in kept
+    rows = {row[1]: row for row in csv.reader((tmp_path / REPORT_NAME).read_text().splitlines()[1:])}
+    kind, _, _, left_out, reason = rows[str(images[0])]
+    assert kind == "unreadable_image" and left_out and "= 8.0 GiB decoded, over the limit of 1.0 MiB" in reason
+    kind, _, _, left_out, reason = rows[str(images[1])]
+    assert kind == "unreadable_image" and left_out and "inflates to more than 1.0 MiB" in reason
+    batches = list(dm.train_dataloader()) + list(dm.val_dataloader()) + list(dm.test_dataloader())
+    assert sum(len(b["images"]) for b in batches) == 14
+
+
 def test_fail_policy_stops_before_the_first_step_naming_file_and_row(synth, tmp_path):
     root = _broken_dataset(synth, tmp_path)
     with pytest.raises(DataError, match="expected 7 fields as in the header, got 8") as err:
@@ -309,3 +361,22 @@ def test_hyperparameters_are_plain_and_load_without_code(synth, tmp_path):
     other = LesionDataModule(str(synth / "annotations.csv"), num_workers=0, split={"num_folds": 3, "fold": 2})
     assert [r.key for r in other.splits["test"]] == [r.key for r in dm.splits["test"]]
     assert not {r.key for r in other.splits["val"]} & {r.key for r in dm.splits["val"]}
+
+
+def test_an_ordered_split_tests_the_highest_file_numbers_of_each_folder():
+    """split.ordered: blocks of neighbouring numbers stay whole, and each class folder is cut in
+    number order, so the test split holds the latest patients of every class."""
+    records = [
+        Record(f"{folder}/{n}.jpg", np.array([[1.0, 1, 5, 5]]), np.array([label]))
+        for folder, label in (("a", 0), ("b", 1))
+        for n in (3, 12, 0, 19, 7, 15, 10, 1, 18, 5, 2, 16, 11, 4, 17, 9, 6, 14, 8, 13)  # shuffled on purpose
+    ]
+    groups = group_keys(records, group_blocks=5, read_dicom=False)
+    splits = split_by_patient(records, val_fraction=0.25, test_fraction=0.25, groups=groups, ordered=True)
+    for folder in ("a", "b"):
+        numbers = {name: sorted(int(Path(r.image_path).stem) for r in part if Path(r.image_path).parent.name == folder) for name, part in splits.items()}
+        assert numbers == {"train": list(range(10)), "val": list(range(10, 15)), "test": list(range(15, 20))}
+    again = split_by_patient(list(reversed(records)), 0.25, 0.25, seed=7, groups=list(reversed(groups)), ordered=True)
+    assert {k: {r.key for r in v} for k, v in again.items()} == {k: {r.key for r in v} for k, v in splits.items()}  # no seed, no input order
+    with pytest.raises(ConfigError, match="ordered"):
+        SplitConfig(ordered=True, num_folds=5)

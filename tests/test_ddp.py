@@ -1,5 +1,6 @@
 """Distributed training on CPU with real processes (gloo): one MLflow run, one set of
-checkpoints, and validation metrics that equal what a single process computes."""
+checkpoints, validation metrics that equal what a single process computes, and ranks that stay in
+step when one of them has a batch of unreadable files only."""
 
 from __future__ import annotations
 
@@ -9,10 +10,15 @@ import sys
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pytest
+import torch
+from support import TINY
 
+from medrpn.data.batch import collate_detection
 from medrpn.data.datamodule import LesionDataModule
-from medrpn.synth import write_synthetic_dataset
+from medrpn.data.synth import write_synthetic_dataset
+from medrpn.training.lightning_module import LesionDetectionModule
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -72,3 +78,43 @@ def test_two_process_ddp_fit_makes_one_run_and_validation_matches_one_process(da
     assert "val/cpm" in keys and "val/rpn_recall100" in keys
     for key in keys:
         assert two[key] == pytest.approx(one[key], abs=1e-6), key
+
+
+# ---------------------------------------------------------------------------------------------
+# A batch in which every file failed
+
+
+def test_a_rank_whose_batches_are_all_unreadable_stays_in_step(tmp_path):
+    """Every batch of rank 1 is one missing file (reported, dropped: an empty batch). Its training
+    step must still take part in the gradient all-reduce, or rank 0 waits for it until the DDP
+    timeout (issue 21: `training_step` returned None). Both ranks end with the same weights."""
+    from PIL import Image as PILImage
+
+    good = tmp_path / "good.png"
+    image = np.zeros((64, 64), dtype=np.uint8)
+    image[16:40, 16:40] = 200
+    PILImage.fromarray(image).save(good)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, str(REPO / "tests" / "ddp_empty_batch.py"), str(good), str(tmp_path / "missing.png"), str(tmp_path)]
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    assert f"Skipping unreadable image {tmp_path / 'missing.png'}: file not found" in output
+    assert "Training batch 0 has no readable image" in output and "Training batch 1 has no readable image" in output
+    sums = dict(line.split(" weights sum ") for line in output.splitlines() if " weights sum " in line)
+    assert sorted(sums) == ["rank 0", "rank 1"] and sums["rank 0"] == sums["rank 1"], output[-4000:]
+
+
+def test_the_loss_of_an_empty_batch_reaches_every_trainable_parameter():
+    """What DDP needs from a rank with nothing to learn from: a zero loss whose backward gives
+    every trainable parameter a gradient (zero), so that every gradient bucket is all-reduced."""
+    module = LesionDetectionModule(class_names=["a", "b"], **TINY)
+    module.model.backbone.body.conv1.requires_grad_(False)  # a frozen layer is left out
+    loss = module.training_step(collate_detection([None, None]), 0)
+    assert isinstance(loss, torch.Tensor) and loss.item() == 0.0
+    loss.backward()
+    trainable = [(name, p) for name, p in module.named_parameters() if p.requires_grad]
+    assert len(trainable) > 50
+    assert [name for name, p in trainable if p.grad is None] == []
+    assert all(torch.count_nonzero(p.grad) == 0 for _, p in trainable)
+    assert module.model.backbone.body.conv1.weight.grad is None

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,9 +18,9 @@ from pathlib import Path
 
 import mlflow
 import pytest
-import torch
 
-from medrpn.synth import write_synthetic_dataset
+from medrpn.data.synth import write_synthetic_dataset
+from support import checkpoint_step, free_port
 
 REPO = Path(__file__).resolve().parents[1]
 BOUND_S = 90  # a dead peer must stop the survivor within this (gloo notices at the next collective)
@@ -49,16 +48,10 @@ def _env() -> dict[str, str]:
     return {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_torchrun_launch_makes_one_run(annotations, tmp_path):
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-        "--master_port", str(_free_port()), "-m", "medrpn",
+        "--master_port", str(free_port()), "-m", "medrpn",
         *_fit_args(annotations, tmp_path, "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2"),
     ]
     result = subprocess.run(command, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=600)
@@ -86,7 +79,7 @@ def test_slurm_tasks_train_as_one_job_with_the_multinode_config(annotations, tmp
     ]
     slurm = {
         "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "medrpn-fit", "SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "2",
-        "SLURM_NNODES": "1", "SLURM_NODEID": "0", "SLURM_NODELIST": "127.0.0.1", "MASTER_PORT": str(_free_port()),
+        "SLURM_NNODES": "1", "SLURM_NODEID": "0", "SLURM_NODELIST": "127.0.0.1", "MASTER_PORT": str(free_port()),
     }
     tasks = [
         subprocess.Popen(
@@ -116,13 +109,6 @@ def _children(pid: int) -> list[int]:
     return found
 
 
-def _step_of(path: Path) -> int | None:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)["global_step"]
-    except Exception:  # noqa: BLE001 - absent or half-written: look again later
-        return None
-
-
 def _alive(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
@@ -141,7 +127,7 @@ def test_a_killed_rank_stops_the_other_with_a_clear_error_in_bounded_time(annota
     survivor = None
     try:
         deadline = time.monotonic() + 300
-        while (_step_of(tmp_path / "demo" / "checkpoints" / "last.ckpt") or 0) < 2:  # training is under way
+        while (checkpoint_step(tmp_path / "demo" / "checkpoints" / "last.ckpt") or 0) < 2:  # training is under way
             assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0][-3000:]
             time.sleep(0.2)
         children = _children(proc.pid)
@@ -161,3 +147,26 @@ def test_a_killed_rank_stops_the_other_with_a_clear_error_in_bounded_time(annota
     assert "medrpn: error: a training process stopped" in output, output[-3000:]
     if victim == "rank1":
         assert proc.returncode == 2
+
+
+def test_the_launcher_reports_a_killed_rank_and_stops_the_others(tmp_path):
+    """observe_children, the observer rank 0 runs over the ranks it launched, on real processes:
+    one child is SIGKILLed, the other must be stopped and the launcher must exit 2 with one line."""
+    script = """
+import subprocess, sys, time
+from medrpn.training.distributed import observe_children
+victim = subprocess.Popen([sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"])
+bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+print(bystander.pid, flush=True)
+observe_children([victim, bystander], poll_s=0.1)
+time.sleep(60)
+"""
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=90, env=_env())
+    assert time.monotonic() - started < 30
+    assert done.returncode == 2, done.stderr
+    assert "medrpn: error: a training process stopped: rank 1" in done.stderr
+    assert "was killed by SIGKILL" in done.stderr
+    bystander = int(done.stdout.split()[0])
+    time.sleep(0.5)
+    assert not _alive(bystander)

@@ -106,11 +106,28 @@ def test_evaluate_without_a_known_run_makes_a_new_one(run, tmp_path, capsys, mon
 
 def test_evaluate_errors_name_the_file(run, tmp_path, capsys):
     for args, message in (
-        (["--ckpt", str(tmp_path / "nope.ckpt"), "--config", str(run.config)], "nope.ckpt: checkpoint not found"),
-        (["--ckpt", str(run.ckpt), "--config", str(tmp_path / "missing.yaml")], "missing.yaml: config file not found"),
+        (["--ckpt", str(tmp_path / "nope.ckpt"), "--config", str(run.config)], f"medrpn: error: {tmp_path / 'nope.ckpt'}: checkpoint not found"),
+        (["--ckpt", str(run.ckpt), "--config", str(tmp_path / "missing.yaml")], f"File does not exist: '{tmp_path / 'missing.yaml'}'"),
     ):
         with pytest.raises(SystemExit) as exit_info:
             medrpn_main(["evaluate", *args])
         assert exit_info.value.code == 2
         err = capsys.readouterr().err
-        assert f"medrpn: error: {tmp_path}" in err and message in err and "Traceback" not in err
+        assert message in err and "Traceback" not in err
+
+
+def test_evaluate_uses_the_data_the_checkpoint_was_trained_on_unless_told(run, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    # no config: the checkpoint's data settings, so the validation figures of the fit again
+    medrpn_main(["evaluate", "--ckpt", str(run.ckpt), "--split", "val", "--trainer.max_epochs", "7"])
+    out = capsys.readouterr().out
+    assert "as given" not in out
+    metrics = _the_run(run).data.metrics
+    assert metrics["eval/val/cpm"] == pytest.approx(metrics["val/cpm"])
+    # an override reaches the data module, and the difference is said
+    medrpn_main(["evaluate", "--ckpt", str(run.ckpt), "--config", str(run.config), "--split", "val",
+                 "--data.val_fraction", "0.5"])
+    out = capsys.readouterr().out
+    assert "data.val_fraction: 0.5 as given (the checkpoint was trained with 0.25)" in out
+    images = int(out.split("medrpn evaluate:")[1].split(" images (")[0].split()[-1])
+    assert images > 4  # the fit's validation split holds 4 of the 16 images

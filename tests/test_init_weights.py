@@ -15,20 +15,14 @@ import torch
 
 from medrpn.data.datamodule import LesionDataModule
 from medrpn.errors import MedrpnError
-from medrpn.init_weights import load_matching_weights
-from medrpn.synth import CLASS_NAMES, write_synthetic_dataset
-from medrpn.training import LesionDetectionModule
+from medrpn.training.init_weights import load_matching_weights
+from medrpn.data.synth import CLASS_NAMES, write_synthetic_dataset
+from medrpn.training.lightning_module import LesionDetectionModule
+from support import SIZE, TINY
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-SIZE = 64
-TINY = dict(
-    backbone={"name": "resnet18", "fpn_channels": 16, "returned_stages": [1, 2, 3]},
-    anchors={"sizes": [[8.0], [16.0], [32.0], [64.0]]},
-    rpn={"pre_nms_top_n_train": 100, "post_nms_top_n_train": 50, "pre_nms_top_n_test": 50, "post_nms_top_n_test": 50},
-    roi={"batch_size_per_image": 32},
-    bootstrap_samples=10,
-)
+TINY = {**TINY, "bootstrap_samples": 10}
 FROZEN = {"lr": 0.0, "warmup_steps": 0}
 
 
@@ -53,7 +47,8 @@ def _fit(module: LesionDetectionModule, data: Path, root: Path, steps: int, ckpt
     datamodule = LesionDataModule(str(data), image_size=SIZE, val_fraction=0.25, test_fraction=0.0, batch_size=2, num_workers=0)
     trainer = L.Trainer(
         max_steps=steps, limit_val_batches=1, num_sanity_val_steps=0, logger=False, enable_checkpointing=False,
-        enable_progress_bar=True, enable_model_summary=False,  # the bar must not swallow the report accelerator="cpu", default_root_dir=root,
+        enable_progress_bar=True, enable_model_summary=False,  # the bar must not swallow the report
+        accelerator="cpu", default_root_dir=root,
     )
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     return trainer

@@ -7,7 +7,10 @@ the DICOM standard (PS3.3 C.11) computed here from the raw tags, not against our
 
 from __future__ import annotations
 
+import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +21,9 @@ from pydicom.data import get_testdata_file
 from pydicom.pixels import get_decoder
 from pydicom.uid import UID, JPEGLSLossless
 
-from medrpn.data.io import read_dicom, read_image, read_png
-from medrpn.errors import DataError
+from bombs import deflated_dicom, nifti_bomb, one_bit_png, rle_bomb
+from medrpn.data.io import ReadConfig, probe_image, read_dicom, read_image, read_raster
+from medrpn.errors import ConfigError, DataError
 
 
 def dicom(name: str) -> Path:
@@ -260,7 +264,43 @@ def test_8bit_grey_png(tmp_path):
     values = np.arange(256, dtype=np.uint8).reshape(16, 16)
     path = tmp_path / "scan.png"
     PIL.Image.fromarray(values).save(path)
-    np.testing.assert_allclose(read_png(path).array, values / 255.0, atol=1e-6)
+    np.testing.assert_allclose(read_raster(path).array, values / 255.0, atol=1e-6)
+
+
+def test_pgm_ppm_and_tiff_are_read_like_png(tmp_path):
+    # mini-MIAS ships its mammograms as 8-bit PGM; 16-bit PGM and TIFF are common exports
+    grey8 = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    grey16 = np.linspace(0, 65535, 48 * 32).astype(np.uint16).reshape(48, 32)
+    cases = {"mdb001.pgm": (grey8, grey8 / 255.0), "scan.tif": (grey16, grey16 / 65535.0), "scan16.pgm": (grey16, grey16 / 65535.0)}
+    for name, (values, expected) in cases.items():
+        if name == "scan16.pgm":  # written by hand: Pillow before 11 writes no 16-bit PGM (it reads them)
+            header = f"P5\n{values.shape[1]} {values.shape[0]}\n65535\n".encode()
+            (tmp_path / name).write_bytes(header + values.astype(">u2").tobytes())
+        else:
+            PIL.Image.fromarray(values).save(tmp_path / name)
+        image = read_image(tmp_path / name)
+        assert image.array.shape == values.shape and image.array.dtype == np.float32, name
+        np.testing.assert_allclose(image.array, expected, atol=1e-4, err_msg=name)
+        assert probe_image(tmp_path / name)[:2] == values.shape
+    rgb = np.zeros((8, 8, 3), dtype=np.uint8)
+    rgb[..., 1] = 200
+    PIL.Image.fromarray(rgb).save(tmp_path / "colour.ppm")
+    np.testing.assert_allclose(read_image(tmp_path / "colour.ppm").array, 0.587 * 200 / 255.0, atol=1e-4)
+    floats = np.linspace(-100.0, 300.0, 64, dtype=np.float32).reshape(8, 8)  # a float TIFF: min..max
+    PIL.Image.fromarray(floats, mode="F").save(tmp_path / "float.tiff")
+    np.testing.assert_allclose(read_image(tmp_path / "float.tiff").array, (floats + 100) / 400, atol=1e-6)
+
+
+def test_a_multi_page_tiff_is_read_by_page_and_never_silently_cut(tmp_path):
+    pages = [PIL.Image.fromarray(np.full((10, 12), value, dtype=np.uint8)) for value in (0, 128, 255)]
+    path = tmp_path / "stack.tif"
+    pages[0].save(path, save_all=True, append_images=pages[1:])
+    assert read_image(path, 1).array.mean() == pytest.approx(128 / 255)
+    assert probe_image(path, 2)[:2] == (10, 12)
+    with pytest.raises(DataError, match="multi-page file of 3 pages: name the page"):
+        read_image(path)
+    with pytest.raises(DataError, match="frame 3 requested but the file holds 3 page"):
+        probe_image(path, 3)
 
 
 def test_rgb_png_and_jpeg_become_luminance(tmp_path):
@@ -523,3 +563,122 @@ def test_truncated_nifti(tmp_path, suffix):
     with pytest.raises(DataError, match="truncated or corrupt") as err:
         read_image(cut, 24)
     assert err.value.path == str(cut)
+
+
+# ---------------------------------------------------------------------------------------------
+# Decompression bombs: refused from the header, before a decoder allocates what it declares.
+# A bomb is read in a child process whose address space is capped, so that code without the
+# guard fails there (MemoryError, or an abort inside the decoder) instead of taking the machine.
+
+_ADDRESS_SPACE = 2 * 2**30
+_READ_BOTH_WAYS = """
+import json, resource, sys, tracemalloc
+resource.setrlimit(resource.RLIMIT_AS, (int(sys.argv[3]), int(sys.argv[3])))
+from medrpn.data.io import ReadConfig, probe_image, read_image
+from medrpn.errors import DataError
+config = ReadConfig(**json.loads(sys.argv[2]))
+out = {}
+for name, read in (("read", read_image), ("probe", probe_image)):
+    tracemalloc.start()
+    try:
+        result = read(sys.argv[1], None, config)
+        out[name] = None
+        if name == "read":
+            out["dtype"] = str(result.array.dtype)
+    except DataError as e:
+        out[name] = str(e)
+    out[name + "_peak"] = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+# peak RSS of this process (VmHWM: ru_maxrss would include the parent's, from before exec)
+status = open("/proc/self/status").read().split("VmHWM:")[1]
+out["maxrss"] = int(status.split()[0]) * 1024
+print(json.dumps(out))
+"""
+
+
+def read_in_a_capped_process(path: Path, **settings) -> dict:
+    """`read_image` and `probe_image` of `path` with `ReadConfig(**settings)` in a child process
+    capped at 2 GiB of address space: their errors, numpy/Python peak bytes, and the child's peak RSS."""
+    done = subprocess.run(
+        [sys.executable, "-c", _READ_BOTH_WAYS, str(path), json.dumps(settings), str(_ADDRESS_SPACE)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, f"the reader died (rc {done.returncode}): {done.stderr[-3000:]}"
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+def test_rle_bomb_is_refused_from_its_header_at_the_default_limit(tmp_path):
+    bomb = rle_bomb(tmp_path / "bomb.dcm")  # 7.8 kB declaring 65535 x 65535 x 16 bits
+    out = read_in_a_capped_process(bomb)
+    for way in ("read", "probe"):
+        assert out[way].startswith(f"{bomb}: declares 65535 x 65535 pixels x 1 frame(s) x 1 sample(s) x 16 bits")
+        assert "= 8.0 GiB decoded, over the limit of 1.0 GiB" in out[way]
+        assert "data.read.max_decoded_bytes" in out[way] and "--max-decoded-bytes" in out[way]
+        assert out[way + "_peak"] < 2**20  # nothing of the 8 GiB was allocated
+    assert out["maxrss"] < 400 * 2**20
+
+
+def test_every_frame_sample_and_byte_counts_and_a_file_at_the_limit_reads():
+    path = dicom("emri_small_RLE.dcm")  # 64 x 64 x 10 frames x 16 bits = 80 KiB decoded
+    at_limit = ReadConfig(max_decoded_bytes=64 * 64 * 10 * 2)
+    assert read_image(path, 3, at_limit).array.shape == (64, 64)
+    with pytest.raises(DataError, match=r"64 x 64 pixels x 10 frame\(s\) x 1 sample\(s\) x 16 bits = 80.0 KiB") as err:
+        read_image(path, 3, ReadConfig(max_decoded_bytes=64 * 64 * 10 * 2 - 1))
+    assert err.value.path == str(path)
+    rgb = dicom("SC_rgb_rle.dcm")  # 100 x 100 x 3 samples x 8 bits
+    with pytest.raises(DataError, match=r"x 3 sample\(s\) x 8 bits = 29.3 KiB"):
+        probe_image(rgb, None, ReadConfig(max_decoded_bytes=100 * 100 * 3 - 1))
+
+
+def test_deflated_bomb_is_refused_before_pydicom_inflates_it(tmp_path):
+    bomb = deflated_dicom(tmp_path / "deflated.dcm", 4096, 4096)  # 32 MiB of pixels in a 33 kB file
+    assert bomb.stat().st_size < 64 * 2**10
+    out = read_in_a_capped_process(bomb, max_decoded_bytes=16 * 2**20)
+    for way in ("read", "probe"):
+        assert out[way] == (
+            f"{bomb}: its deflated data set inflates to more than 16.0 MiB, over the limit (a decompression bomb?); "
+            "set data.read.max_decoded_bytes (medrpn predict: --max-decoded-bytes) higher to read it"
+        )
+        assert out[way + "_peak"] < 4 * 2**20  # inflated a chunk at a time, never kept
+    assert read_image(bomb).array.shape == (4096, 4096)  # under the default limit it reads
+
+
+def test_png_over_pillows_bomb_limit_is_a_data_error(tmp_path):
+    bomb = one_bit_png(tmp_path / "huge.png", 20000, 10000)  # 200 megapixels; Pillow refuses over 179
+    for read in (read_image, probe_image):
+        with pytest.raises(DataError, match="Pillow refuses it as a possible decompression bomb") as err:
+            read(bomb)
+        assert err.value.path == str(bomb)
+
+
+def test_png_over_the_limit_is_refused_before_pillow_decodes_it(tmp_path):
+    bomb = one_bit_png(tmp_path / "big.png", 10000, 10000)  # 100 megapixels: Pillow only warns
+    out = read_in_a_capped_process(bomb, max_decoded_bytes=64 * 2**20)
+    for way in ("read", "probe"):
+        assert out[way].startswith(
+            f"{bomb}: declares 10000 x 10000 pixels x 1 band(s) x 1 byte(s) (Pillow mode 1) = 95.4 MiB decoded, "
+            "over the limit of 64.0 MiB"
+        )
+    assert out["maxrss"] < 400 * 2**20
+
+
+def test_one_bit_png_stays_one_float32_channel(tmp_path):
+    """Decoded at 4 bytes a pixel at most: no float64, no RGB copy of a grey image."""
+    image = one_bit_png(tmp_path / "mask.png", 4000, 4000)
+    out = read_in_a_capped_process(image)
+    assert out["read"] is None and out["dtype"] == "float32"
+    assert out["read_peak"] < 16 * 4000 * 4000  # the float64 RGB path took 35 bytes a pixel
+
+
+def test_nifti_volume_over_the_limit_is_refused_from_its_header(tmp_path):
+    bomb = nifti_bomb(tmp_path / "volume.nii", (4096, 4096, 4096))  # 128 GiB of int16 declared
+    out = read_in_a_capped_process(bomb)
+    for way in ("read", "probe"):
+        assert out[way].startswith(
+            f"{bomb}: declares a volume of 4096 x 4096 x 4096 voxels x 2 bytes = 128.0 GiB decoded, over the limit"
+        )
+
+
+def test_the_limit_must_be_positive():
+    with pytest.raises(ConfigError, match="max_decoded_bytes"):
+        ReadConfig(max_decoded_bytes=0)

@@ -397,7 +397,7 @@ def test_detection_metrics_keys_and_values():
     per_class = [f"{name}/{key}" for name in ("nodule", "mass") for key in overall]
     rpn = [f"rpn_recall{k}" for k in (10, 50, 100, 300, 1000)] + ["rpn_ar100"]
     sized = [f"{name}_{size}" for size in ("small", "medium", "large") for name in rpn]
-    assert list(out) == overall + per_class + rpn + sized
+    assert list(out) == overall[:8] + ["cpm_iou50"] + overall[8:] + per_class + rpn + sized
     assert all(set(k) <= set("abcdefghijklmnopqrstuvwxyz0123456789_-./ ") for k in out)
     assert [float(out[k]) for k in FROC_KEYS] == pytest.approx(list(EXPECTED.values()))
     assert float(out["cpm"]) == pytest.approx(4 / 7)
@@ -497,3 +497,57 @@ def test_detection_metrics_same_under_ddp():
     assert "cpm_ci_low" in expected and "op_score_threshold" in expected
     assert ddp.keys() == expected.keys()
     assert all(ddp[k] == expected[k] or (math.isnan(ddp[k]) and math.isnan(expected[k])) for k in expected)
+
+
+def test_one_box_over_two_adjacent_lesions_finds_one_of_them():
+    # Lesions A [0,0,40,40] and B [40,0,80,40] side by side. The 0.9 box [0,0,70,40] overlaps
+    # A at IoU 1600/2800 = 0.571 and B at 1200/3200 = 0.375: both >= 0.3, but it credits one
+    # lesion, the one it fits best (A). The 0.6 box is A exactly: A is taken, so it is a
+    # duplicate (neither hit nor FP). B is never found: sensitivity 1/2, not 2/2.
+    lesions = _t([[0, 0, 40, 40], [40, 0, 80, 40]])
+    preds = _t([[0, 0, 70, 40], [0, 0, 40, 40]])
+    gt_best, fps = match_image(preds, torch.tensor([0.9, 0.6]), lesions, 0.3)
+    assert gt_best.tolist() == pytest.approx([0.9, -math.inf])
+    assert fps.numel() == 0
+    # A third box (0.5) hitting both A (taken) and B takes B, the lesion still free.
+    preds = torch.cat([preds, _t([[10, 0, 80, 40]])])  # IoU with A 1200/3200, with B 1600/2800
+    assert hit_matrix(preds[2:], lesions, "iou", 0.3).tolist() == [[True, True]]
+    gt_best, fps = match_image(preds, torch.tensor([0.9, 0.6, 0.5]), lesions, 0.3)
+    assert gt_best.tolist() == pytest.approx([0.9, 0.5])
+    assert fps.numel() == 0
+
+
+def test_detection_metrics_credit_one_lesion_per_box():
+    # The same two lesions on one image, the single 0.9 box over both: CPM 1/2 (it was 1).
+    target = dict(boxes=_t([[0, 0, 40, 40], [40, 0, 80, 40]]), labels=torch.tensor([0, 0]))
+    pred = dict(boxes=_t([[0, 0, 80, 40]]), scores=torch.tensor([0.9]), labels=torch.tensor([0]))
+    metric = DetectionMetrics(class_names=["a"])
+    metric.update([pred], [target])
+    records = metric.records()
+    assert sorted(records.gt_best_any.tolist()) == pytest.approx([-math.inf, 0.9])
+    assert records.pred_fp_any.tolist() == [False]
+    assert float(metric.compute()["cpm"]) == pytest.approx(0.5)
+
+
+def test_center_rule_is_strict_like_luna16():
+    lesion = _t([[0, 0, 20, 10]])  # centre (10, 5), radius 10
+    on_the_edge = _t([[18, 3, 22, 7]])  # centre (20, 5): exactly 10 away
+    assert hit_matrix(on_the_edge, lesion, "center").tolist() == [[False]]
+
+
+def test_cpm_at_iou_05_is_reported_beside_the_chosen_rule():
+    # Lesion [0,0,40,40]; the only prediction [0,0,40,100] overlaps it at IoU 1600/4000 = 0.4:
+    # a hit at IoU 0.3 (CPM 1: found at 0 FP), a false positive at IoU 0.5 (CPM 0).
+    target = dict(boxes=_t([[0, 0, 40, 40]]), labels=torch.tensor([0]))
+    pred = dict(boxes=_t([[0, 0, 40, 100]]), scores=torch.tensor([0.9]), labels=torch.tensor([0]))
+    for rule in ("iou", "center"):  # centre (20, 50) is 30 from (20, 20), radius 20: a miss
+        metric = DetectionMetrics(froc_hit_rule=rule, froc_iou_threshold=0.3)
+        metric.update([pred], [target])
+        scalars = metric.compute()
+        assert float(scalars["cpm"]) == pytest.approx(1.0 if rule == "iou" else 0.0)
+        assert float(scalars["cpm_iou50"]) == pytest.approx(0.0)
+    pred["boxes"] = _t([[0, 0, 40, 60]])  # IoU 1600/2400 = 0.67: a hit under both
+    metric = DetectionMetrics()
+    metric.update([pred], [target])
+    assert float(metric.compute()["cpm_iou50"]) == pytest.approx(1.0)
+    assert "CPM at IoU >= 0.5" in metric.report().to_table()

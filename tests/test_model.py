@@ -81,7 +81,7 @@ def test_sampler_keeps_its_positive_fraction():
     assert int(positives[0].sum()) == 3 and int(negatives[0].sum()) == 61
 
 
-@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_large"])
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_large", "timm/mobilenetv3_small_100", "timm/convnext_atto"])
 def test_backbone_takes_one_channel_and_gives_pyramid(name):
     backbone = build_backbone(BackboneConfig(name=name, fpn_channels=16, in_channels=1))
     features = backbone(torch.zeros(1, 1, 64, 64))
@@ -93,6 +93,25 @@ def test_backbone_takes_one_channel_and_gives_pyramid(name):
 def test_unknown_backbone_is_a_clear_error():
     with pytest.raises(ConfigError, match="unknown backbone 'vgg'"):
         build_backbone(BackboneConfig(name="vgg"))
+    with pytest.raises(ConfigError, match="timm has no model 'no_such_net'"):
+        build_backbone(BackboneConfig(name="timm/no_such_net"))
+    with pytest.raises(ConfigError, match=r"timm/convnext_atto has stages \[1, 2, 3, 4\].*not \[5\]"):
+        build_backbone(BackboneConfig(name="timm/convnext_atto", returned_stages=[2, 5]))
+
+
+def test_a_detector_on_a_timm_backbone_trains_and_detects():
+    detector = small_detector(backbone=BackboneConfig(name="timm/mobilenetv3_small_100", fpn_channels=32))
+    images, targets = _batch()
+    detector.train()
+    losses = detector(images, targets).losses
+    total = sum(losses.values())
+    assert torch.isfinite(total)
+    total.backward()
+    assert all(p.grad is not None for n, p in detector.named_parameters() if n.startswith("backbone.body") and p.requires_grad)
+    detector.eval()
+    with torch.no_grad():
+        output = detector(images)
+    assert len(output.detections) == 2 and len(output.proposals) == 2
 
 
 def _batch():
@@ -157,3 +176,91 @@ def test_pretrained_weights_that_cannot_be_fetched_give_a_clear_error(tmp_path, 
     monkeypatch.setenv("https_proxy", "http://127.0.0.1:9")  # nothing listens on the discard port
     with pytest.raises(ConfigError, match="ImageNet weights of resnet18 could not be loaded"):
         build_backbone(BackboneConfig(name="resnet18", pretrained=True))
+
+
+def test_paired_box_iou_is_the_diagonal_of_torchvisions_matrix():
+    from torchvision.ops import box_iou
+
+    from medrpn.model.box_ops import paired_box_iou
+
+    torch.manual_seed(0)
+    corners = torch.rand(50, 2, 2) * 100
+    boxes = torch.cat([corners.min(dim=1).values, corners.max(dim=1).values + 1], dim=1)
+    others = boxes.roll(1, dims=0) + torch.rand(50, 4) * 5
+    assert torch.allclose(paired_box_iou(boxes, others), box_iou(boxes, others).diagonal(), atol=1e-6)
+    assert paired_box_iou(boxes[:1], torch.tensor([[500.0, 500, 510, 510]])).item() == 0.0
+
+
+def test_the_commands_load_monai_only_for_the_hard_negative_sampler():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, medrpn.inference.predict, medrpn.training.lightning_module\n"
+        "assert not [m for m in sys.modules if m.startswith('monai')], 'monai imported at start'\n"
+        "from medrpn.model import DetectorConfig, RPNConfig, build_detector\n"
+        "build_detector(DetectorConfig(num_classes=1, rpn=RPNConfig(sampler='hard_negative')))\n"
+        "assert 'monai' in sys.modules\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_suppress_contained_drops_a_box_nested_in_a_better_one_that_nms_keeps():
+    from torchvision.ops import nms
+
+    from medrpn.model.box_ops import suppress_contained
+
+    # a glioma box, a smaller box inside it (IoU 0.35: NMS at 0.5 keeps both), a box half
+    # inside the big one, and one elsewhere
+    boxes = torch.tensor([[0.0, 0, 100, 100], [20, 20, 79, 79], [80, 0, 120, 40], [200, 200, 240, 240]])
+    scores = torch.tensor([0.95, 0.30, 0.6, 0.5])
+    assert sorted(nms(boxes, scores, 0.5).tolist()) == [0, 1, 2, 3]
+    assert suppress_contained(boxes, scores, 0.8).tolist() == [0, 2, 3]  # best first; 2 is half inside
+    assert suppress_contained(boxes, scores, 0.5).tolist() == [0, 3]
+    # the better box inside a worse large one: the large one goes
+    assert suppress_contained(boxes, torch.tensor([0.3, 0.95, 0.6, 0.5]), 0.8).tolist() == [1, 2, 3]
+    assert suppress_contained(boxes[:1], scores[:1], 0.8).tolist() == [0]
+
+
+def test_the_detector_applies_containment_suppression_after_nms():
+    detector = small_detector()
+    detector.eval()
+    images, _ = _batch()
+    with torch.no_grad():
+        plain = detector(images).detections
+        detector.containment_thresh = 0.5
+        nested_free = detector(images).detections
+    from medrpn.model.box_ops import intersection_over_smaller
+
+    for before, after in zip(plain, nested_free):
+        assert len(after["boxes"]) <= len(before["boxes"])
+        if len(after["boxes"]) > 1:
+            overlap = intersection_over_smaller(after["boxes"]).fill_diagonal_(0)
+            assert float(overlap.max()) < 0.5
+    assert sum(len(d["boxes"]) for d in nested_free) < sum(len(d["boxes"]) for d in plain)  # untrained: many nested
+
+
+def test_roi_context_pools_the_enlarged_box_beside_the_box_and_trains():
+    from medrpn.model.roi_heads import ContextRoIAlign, enlarge_boxes
+
+    boxes = torch.tensor([[10.0, 20.0, 30.0, 60.0]])
+    assert enlarge_boxes(boxes, 2.0).tolist() == [[0.0, 0.0, 40.0, 80.0]]
+    model = small_detector(roi=RoIConfig(batch_size_per_image=32, representation_size=64, context_scale=2.0))
+    pool = model.roi_heads.box_roi_pool
+    assert isinstance(pool, ContextRoIAlign)
+    # the head takes twice the channels: the box's grid and the enlarged box's grid
+    plain = small_detector()
+    assert model.roi_heads.box_head.fc6.in_features == 2 * plain.roi_heads.box_head.fc6.in_features
+    features = {"0": torch.arange(64.0).reshape(1, 1, 8, 8)}
+    from torchvision.ops import MultiScaleRoIAlign
+
+    context = ContextRoIAlign(MultiScaleRoIAlign(["0"], output_size=2, sampling_ratio=2), 2.0)
+    pooled = context(features, [torch.tensor([[2.0, 2.0, 4.0, 4.0]])], [(8, 8)])
+    assert pooled.shape == (1, 2, 2, 2) and not torch.equal(pooled[:, 0], pooled[:, 1])
+    images, targets = _batch()
+    losses = model.train()(images, targets).losses
+    sum(losses.values()).backward()
+    assert model.roi_heads.box_head.fc6.weight.grad.abs().sum() > 0
+    with pytest.raises(ConfigError, match="context_scale"):
+        RoIConfig(context_scale=0.5)

@@ -78,7 +78,7 @@ def run(request, tmp_path_factory) -> TrainedRun:
 
 def test_checkpoint_operating_point_reproduces_on_the_validation_split(run):
     from medrpn.data.datamodule import LesionDataModule
-    from medrpn.training import LesionDetectionModule
+    from medrpn.training.lightning_module import LesionDetectionModule
 
     checkpoint = torch.load(run.ckpt, map_location="cpu", weights_only=True)  # plain data only
     op = checkpoint["operating_point"]

@@ -107,7 +107,7 @@ def test_findings_json_round_trips_without_patient_identifiers(tmp_path):
         assert secret not in text
     with open(out) as f:
         doc = json.load(f)
-    assert doc["schema_version"] == FINDINGS_SCHEMA_VERSION == "2.1"
+    assert doc["schema_version"] == FINDINGS_SCHEMA_VERSION == "2.2"
     assert doc["study_instance_uid"] == "1.2.3"
     assert doc["dicom"] == {"sr": "sr.dcm", "gsps": ["gsps.dcm"], "notes": []}
     assert doc["skipped"] == [{"source": "scans/bad.dcm", "reason": "truncated"}]

@@ -7,10 +7,12 @@ Real scans come from pydicom's test files and the pydicom-data package.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import shutil
 import subprocess
+import warnings
 from contextlib import redirect_stdout
 from pathlib import Path
 
@@ -28,9 +30,9 @@ from medrpn.outputs import Finding, ImageFindings, ModelInfo
 from medrpn.outputs.gsps import build_presentation_states
 from medrpn.outputs.references import reference_header
 from medrpn.outputs.sr import write_dicom
-from medrpn.predict import predict_files, resolve_threshold, scan_inputs
-from medrpn.synth import write_synthetic_dataset
-from medrpn.training import LesionDetectionModule
+from medrpn.inference.predict import predict_files, resolve_threshold, scan_inputs
+from medrpn.data.synth import write_synthetic_dataset
+from medrpn.training.lightning_module import LesionDetectionModule
 
 CLASSES = ["nodule", "spiculated"]
 SECRETS = ("CompressedSamples", "1CT1", "4MR1", "9RG1", "SYNTH^", "19400305")
@@ -205,7 +207,7 @@ def test_existing_outputs_are_kept_unless_overwrite(ckpt, tmp_path):
     assert (folder / "findings.json").read_text() == "{}"
     replaced, log = _run(ckpt, images, tmp_path / "out", score_threshold=0.0, num_workers=0, overwrite=True)
     assert sorted(replaced.studies) == sorted(first.studies) and f"replacing existing outputs in {folder}" in log
-    assert json.loads((folder / "findings.json").read_text())["schema_version"] == "2.1"
+    assert json.loads((folder / "findings.json").read_text())["schema_version"] == "2.2"
 
 
 def test_threshold_comes_from_the_operating_point_unless_given(tmp_path):
@@ -219,12 +221,19 @@ def test_threshold_comes_from_the_operating_point_unless_given(tmp_path):
     ckpt = save_checkpoint(tmp_path / "op.ckpt", operating_point=point)
     write_synthetic_dataset(tmp_path / "syn", n_images=2, image_size=64, seed=4)
     report, log = _run(ckpt, tmp_path / "syn" / "images", tmp_path / "out", num_workers=0)
+    everything, _ = _run(ckpt, tmp_path / "syn" / "images", tmp_path / "all", score_threshold=0.0, num_workers=0)
     assert (report.score_threshold, report.threshold_source) == (0.34, "checkpoint operating point")
     assert "score >= 0.34 (checkpoint operating point)" in log
+    assert everything.findings > 0  # so the comparison below has findings to keep or drop
+
+    def found(document: dict) -> list[tuple]:
+        return [(im["source"], f["label"], f["score"], f["box_px"]) for im in document["images"] for f in im["findings"]]
+
     for path in report.studies:
         document = json.loads((path / "findings.json").read_text())
         assert document["model"]["operating_point"] == point
-        assert all(f["score"] >= 0.34 for im in document["images"] for f in im["findings"])
+        unfiltered = found(json.loads((tmp_path / "all" / path.name / "findings.json").read_text()))
+        assert found(document) == [f for f in unfiltered if f[2] >= 0.34]  # those of threshold 0 at >= 0.34
         sr = pydicom.dcmread(path / "sr.dcm")
         assert "score threshold 0.34" in sr.to_json()
 
@@ -283,3 +292,270 @@ def test_nifti_slices_are_images_of_their_folder(ckpt, tmp_path):
         ("sub/ct.nii.gz", k, f"ct_{k}.png") for k in range(3)
     ]
     assert document["dicom"]["sr"] is None and all(im["pixel_spacing_mm"] for im in document["images"])
+
+
+@pytest.mark.parametrize("setting", ["command line", "checkpoint"])
+def test_decompression_bombs_are_skipped_with_the_reason(tmp_path, setting):
+    """A bomb is known from its header: at the scan (DICOM) or in the reader worker (PNG); the run goes on."""
+    from bombs import deflated_dicom, one_bit_png, rle_bomb
+
+    from medrpn.commands.predict import main
+
+    inputs = tmp_path / "in"
+    (inputs / "png").mkdir(parents=True)
+    shutil.copy(_testdata("MR_small.dcm"), inputs / "MR_small.dcm")
+    rle_bomb(inputs / "rle.dcm")  # declares 65535 x 65535 x 16 bits
+    deflated_dicom(inputs / "deflated.dcm", 2048, 2048)  # inflates to 8 MiB
+    one_bit_png(inputs / "png" / "big.png", 2000, 2000)  # 3.8 MiB decoded
+    PILImage.new("L", (100, 80), color=90).save(inputs / "png" / "plain.png")
+    limit = 2**20
+    ckpt = save_checkpoint(tmp_path / "tiny.ckpt")
+    args = ["--ckpt", str(ckpt), "--input", str(inputs), "--output", str(tmp_path / "out"), "--num-workers", "1"]
+    if setting == "command line":
+        args += ["--max-decoded-bytes", str(limit)]
+    else:  # trained with data.read.max_decoded_bytes
+        checkpoint = torch.load(ckpt, weights_only=True)
+        checkpoint["datamodule_hyper_parameters"]["read"] = {"max_decoded_bytes": limit}
+        torch.save(checkpoint, ckpt)
+    out = io.StringIO()
+    with redirect_stdout(out):
+        main(args)
+    log = out.getvalue()
+    assert f"skipped {inputs / 'rle.dcm'}: declares 65535 x 65535 pixels x 1 frame(s) x 1 sample(s) x 16 bits" in log
+    assert f"skipped {inputs / 'deflated.dcm'}: its deflated data set inflates to more than 1.0 MiB" in log
+    assert f"skipped {inputs / 'png' / 'big.png'}: declares 2000 x 2000 pixels" in log
+    assert "medrpn predict: 2 images in 2 output folders" in log and "3 files skipped" in log
+    folder = json.loads((tmp_path / "out" / "png" / "findings.json").read_text())
+    (skipped,) = folder["skipped"]
+    assert skipped["source"] == "png/big.png" and "over the limit of 1.0 MiB" in skipped["reason"]
+    assert [im["source"] for im in folder["images"]] == ["png/plain.png"]
+
+
+def test_scan_refuses_bombs_from_their_headers_without_inflating_them(tmp_path):
+    """pydicom inflates a deflated file whole even for its header: the scan counts it in chunks instead."""
+    import tracemalloc
+
+    from bombs import deflated_dicom, rle_bomb
+
+    shutil.copy(_testdata("MR_small.dcm"), tmp_path / "MR_small.dcm")
+    deflated_dicom(tmp_path / "deflated.dcm", 4096, 4096)  # inflates to 32 MiB
+    multiframe = rle_bomb(tmp_path / "frames.dcm", 64, 64)
+    ds = pydicom.dcmread(multiframe)
+    ds.NumberOfFrames = 100_000  # 64 x 64 x 2 bytes each: 781 MiB, and an image to analyse per frame
+    ds.save_as(multiframe)
+    tracemalloc.start()
+    scan = scan_inputs(tmp_path, max_decoded_bytes=16 * 2**20)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 8 * 2**20
+    reasons = {Path(path).name: reason for path, reason in scan.skipped}
+    assert reasons["deflated.dcm"].startswith("its deflated data set inflates to more than 16.0 MiB")
+    assert reasons["frames.dcm"].startswith("declares 64 x 64 pixels x 100000 frame(s)")
+    assert [item.path.name for group in scan.groups for item in group.items] == ["MR_small.dcm"]
+@pytest.fixture(scope="module")
+def dicom_image(tmp_path_factory) -> Path:
+    """One real synthetic DICOM image (64 x 64, 0.5 mm pixels) to copy with other UIDs."""
+    root = tmp_path_factory.mktemp("dicom")
+    write_synthetic_dataset(root, n_images=1, image_size=64, seed=12)
+    return next((root / "images").glob("*.dcm"))
+
+
+def _dicom(source: Path, path: Path, **attributes) -> Path:
+    """A copy of the DICOM file ``source`` at ``path`` with a new SOP Instance UID and ``attributes``."""
+    ds = pydicom.dcmread(source)
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+    for keyword, value in attributes.items():
+        setattr(ds, keyword, value)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def _sources(folder: Path) -> list[str]:
+    """The sources a findings.json lists, after checking that every overlay it names is there."""
+    document = json.loads((folder / "findings.json").read_text())
+    assert all((folder / im["overlay"]).is_file() for im in document["images"])
+    return [im["source"] for im in document["images"]]
+
+
+def test_every_input_group_gets_an_output_folder_of_its_own(ckpt, dicom_image, tmp_path):
+    # a DICOM without a study UID (grouped by its folder) and a PNG in a folder named like a study,
+    # beside a file of that study: the folder's results must not be written and then replaced
+    inputs = tmp_path / "in"
+    _dicom(dicom_image, inputs / "1.2.3" / "h.dcm", StudyInstanceUID="")
+    PILImage.new("L", (60, 50), color=90).save(inputs / "1.2.3" / "p.png")
+    _dicom(dicom_image, inputs / "g.dcm", StudyInstanceUID="1.2.3")
+    report, log = _run(ckpt, inputs, tmp_path / "out", score_threshold=0.0, num_workers=0)
+    assert report.images == 3 and sorted(report.studies) == [tmp_path / "out" / "1.2.3", tmp_path / "out" / "1.2.3-2"]
+    assert _sources(tmp_path / "out" / "1.2.3") == ["g.dcm"]  # the study keeps its UID's name
+    assert sorted(_sources(tmp_path / "out" / "1.2.3-2")) == ["1.2.3/h.dcm", "1.2.3/p.png"]
+    assert f"output folder; the images of 1.2.3: {tmp_path / 'out' / '1.2.3-2'}" in log
+
+    # a later run's folder named like an earlier run's study neither takes its outputs as its own
+    # (and is kept, unanalysed) nor replaces them
+    again = tmp_path / "again"
+    _dicom(dicom_image, again / "1.2.3" / "k.dcm", StudyInstanceUID="")
+    (tmp_path / "out" / "1.2.3-2").rename(tmp_path / "earlier")  # only the study's folder is there now
+    report, _ = _run(ckpt, again, tmp_path / "out", score_threshold=0.0, num_workers=0, overwrite=True)
+    assert report.images == 1 and report.kept == [] and report.studies == [tmp_path / "out" / "1.2.3-2"]
+    assert _sources(tmp_path / "out" / "1.2.3") == ["g.dcm"]
+    assert _sources(tmp_path / "out" / "1.2.3-2") == ["1.2.3/k.dcm"]
+
+
+def test_a_long_file_name_is_shortened_and_the_run_goes_on(ckpt, dicom_image, tmp_path):
+    long_name = "x" * 241 + ".dcm"  # legal (245 bytes), but an overlay named after it would not be
+    _dicom(dicom_image, tmp_path / "in" / long_name, StudyInstanceUID="1.2.4")
+    _dicom(dicom_image, tmp_path / "in" / "z.dcm", StudyInstanceUID="1.2.5")
+    report, _ = _run(ckpt, tmp_path / "in", tmp_path / "out", score_threshold=0.0, num_workers=0)
+    assert report.images == 2 and report.skipped == []
+    assert _sources(tmp_path / "out" / "1.2.4") == [long_name] and _sources(tmp_path / "out" / "1.2.5") == ["z.dcm"]
+    (overlay,) = (tmp_path / "out" / "1.2.4").glob("*.png")
+    assert overlay.name.startswith("x" * 80) and len(overlay.name.encode()) <= 124
+
+
+def test_a_study_that_cannot_be_written_is_skipped_and_never_looks_complete(ckpt, dicom_image, tmp_path):
+    _dicom(dicom_image, tmp_path / "in" / "a.dcm", StudyInstanceUID="1.2.6")
+    _dicom(dicom_image, tmp_path / "in" / "b.dcm", StudyInstanceUID="1.2.7")
+    out = tmp_path / "out"
+    _run(ckpt, tmp_path / "in", out, score_threshold=0.0, num_workers=0)
+    study, other = out / "1.2.6", out / "1.2.7"
+    (study / "sr.dcm").unlink()
+    (study / "sr.dcm").mkdir()  # something in the way: replacing this study's outputs fails midway
+    (study / "sr.dcm" / "keep").write_text("")
+    report, log = _run(ckpt, tmp_path / "in", out, score_threshold=0.2, num_workers=0, overwrite=True)
+    ((path, reason),) = report.skipped
+    assert path == str(tmp_path / "in" / "a.dcm") and f"the outputs of {study} could not be written" in reason
+    assert report.studies == [other] and report.images == 1 and f"skipped {path}: {reason}" in log
+    assert json.loads((other / "findings.json").read_text())["model"]["score_threshold"] == 0.2
+    # no findings.json of either run beside the other run's files, and no overlay of the second run
+    assert not (study / "findings.json").exists() and not (study / "a.png").exists()
+    assert list(study.glob("*.json")) == []
+
+    # once what was in the way is gone, a run without --overwrite redoes the unfinished study only
+    shutil.rmtree(study / "sr.dcm")
+    report, log = _run(ckpt, tmp_path / "in", out, score_threshold=0.2, num_workers=0)
+    assert report.kept == [other] and report.studies == [study] and f"an earlier run stopped while writing {study}" in log
+    assert _sources(study) == ["a.dcm"] and (study / "sr.dcm").is_file()
+    assert sorted(p.name for p in study.iterdir()) == ["a.png", "findings.json", "gsps.dcm", "sr.dcm"]
+
+
+def test_anonymized_paths_name_no_input_file_folder_or_checkpoint(dicom_image, tmp_path):
+    ckpt = save_checkpoint((tmp_path / "Dr_Who").mkdir() or tmp_path / "Dr_Who" / "tiny.ckpt")
+    inputs = tmp_path / "in"
+    dicom = _dicom(dicom_image, inputs / "Smith_John" / "IM_Smith.dcm", StudyInstanceUID="1.2.8")
+    no_study = _dicom(dicom_image, inputs / "Doe_Jane" / "IM_Doe.dcm", StudyInstanceUID="")
+    PILImage.new("L", (60, 50), color=90).save(inputs / "Doe_Jane" / "photo_Doe.png")
+    out = tmp_path / "out"
+    report, _ = _run(ckpt, inputs, out, score_threshold=0.0, num_workers=0, anonymize_paths=True, proposals=True)
+    assert report.images == 3 and len(report.studies) == 2
+    written = [p for p in out.rglob("*") if p.is_file()]
+    for path in written:
+        named = path.relative_to(out).as_posix() + (path.read_text() if path.suffix == ".json" else "")
+        for secret in ("Smith", "Doe", "Dr_Who", str(tmp_path)):
+            assert secret not in named, path
+    study = json.loads((out / "1.2.8" / "findings.json").read_text())
+    assert study["anonymized_paths"] and study["model"]["checkpoint"] is None
+    assert study["model"]["checkpoint_sha256"] == hashlib.sha256(ckpt.read_bytes()).hexdigest()
+    uid = pydicom.dcmread(dicom, stop_before_pixels=True).SOPInstanceUID
+    assert _sources(out / "1.2.8") == [uid] and study["images"][0]["overlay"] == f"{uid}.png"
+    (folder,) = (p for p in report.studies if p.name != "1.2.8")
+    assert folder.name == hashlib.sha256(b"Doe_Jane").hexdigest()[:16]
+    expected = [pydicom.dcmread(no_study).SOPInstanceUID, hashlib.sha256(b"Doe_Jane/photo_Doe.png").hexdigest()[:16]]
+    assert sorted(_sources(folder)) == sorted(expected)
+
+
+def test_an_overlay_that_cannot_be_written_costs_its_image_only(ckpt, dicom_image, tmp_path):
+    # an output folder so deep (about 4000 bytes of path) that a long overlay name no longer fits
+    # in the system's path limit, while short names still do
+    _dicom(dicom_image, tmp_path / "in" / ("x" * 200 + ".dcm"), StudyInstanceUID="1.2.9")
+    _dicom(dicom_image, tmp_path / "in" / "z.dcm", StudyInstanceUID="1.2.9")
+    out = tmp_path
+    while len(str(out / "1.2.9" / ".medrpn-partial")) < 3800:
+        out = out / ("d" * 200)
+    out = out / ("d" * (4000 - len(str(out / "1.2.9" / ".medrpn-partial"))))
+    out.mkdir(parents=True)
+    report, log = _run(ckpt, tmp_path / "in", out, score_threshold=0.0, num_workers=0)
+    ((path, reason),) = report.skipped
+    assert path == str(tmp_path / "in" / ("x" * 200 + ".dcm")) and "its overlay could not be written" in reason
+    assert report.images == 1 and f"skipped {path}: {reason}" in log
+    document = json.loads((out / "1.2.9" / "findings.json").read_text())
+    assert [im["source"] for im in document["images"]] == ["z.dcm"]
+    assert document["skipped"] == [{"source": "x" * 200 + ".dcm", "reason": reason}]
+    assert sorted(p.name for p in (out / "1.2.9").iterdir()) == ["findings.json", "gsps.dcm", "sr.dcm", "z.png"]
+
+
+def test_pgm_and_tiff_inputs_are_analysed_and_a_multi_page_tiff_is_reported(tmp_path):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    PILImage.new("L", (90, 70), color=80).save(inputs / "mdb001.pgm")
+    PILImage.fromarray(np.full((60, 50), 30000, dtype=np.uint16)).save(inputs / "scan.tif")
+    pages = [PILImage.new("L", (40, 40), color=v) for v in (10, 200)]
+    pages[0].save(inputs / "stack.tif", save_all=True, append_images=pages[1:])
+    report = predict_files(save_checkpoint(tmp_path / "tiny.ckpt"), inputs, tmp_path / "out", num_workers=0)
+    findings = json.loads((tmp_path / "out" / "findings.json").read_text())
+    assert sorted(image["source"] for image in findings["images"]) == ["mdb001.pgm", "scan.tif"]
+    assert {(i["width"], i["height"]) for i in findings["images"]} == {(90, 70), (50, 60)}
+    assert [(Path(p).name, "multi-page" in reason) for p, reason in report.skipped] == [("stack.tif", True)]
+
+
+def test_a_library_warning_is_said_once_in_plain_words_without_the_name(ckpt, dicom_image, tmp_path):
+    for study in ("1.2.10", "1.2.11"):
+        _dicom(dicom_image, tmp_path / "in" / f"{study}.dcm", StudyInstanceUID=study, PatientName="Smithson")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a warning that escapes the summary fails the test
+        report, log = _run(ckpt, tmp_path / "in", tmp_path / "out", score_threshold=0.0, num_workers=0)
+    assert report.images == 2
+    notes = [line for line in log.splitlines() if "single component" in line]
+    assert len(notes) == 1 and notes[0].startswith("note: a person name in the source DICOM headers")
+    assert "Smithson" not in log
+
+
+def test_predict_shows_a_progress_bar_on_a_terminal_only(ckpt, dicom_image, tmp_path):
+    import fcntl
+    import os
+    import pty
+    import struct
+    import sys
+    import termios
+
+    _dicom(dicom_image, tmp_path / "in" / "a.dcm", StudyInstanceUID="1.2.12")
+    command = [sys.executable, "-m", "medrpn", "predict", "--ckpt", str(ckpt), "--input", str(tmp_path / "in"),
+               "--num-workers", "0"]
+    primary, secondary = pty.openpty()
+    fcntl.ioctl(secondary, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a terminal has a size
+    done = subprocess.run([*command, "--output", str(tmp_path / "tty")], stdin=secondary, stdout=secondary,
+                          stderr=secondary, timeout=300)
+    os.close(secondary)
+    seen = b""
+    while True:
+        try:
+            chunk = os.read(primary, 65536)
+        except OSError:  # the terminal is closed once everything was read
+            break
+        if not chunk:
+            break
+        seen += chunk
+    os.close(primary)
+    assert done.returncode == 0, seen.decode(errors="replace")[-2000:]
+    assert b"medrpn predict: 100%" in seen and b"1/1" in seen, seen.decode(errors="replace")[-2000:]
+    piped = subprocess.run([*command, "--output", str(tmp_path / "log")], capture_output=True, text=True, timeout=300)
+    assert piped.returncode == 0 and "medrpn predict: 1 images" in piped.stdout
+    assert "%|" not in piped.stderr + piped.stdout  # quiet in logs
+
+
+def test_predict_help_answers_without_loading_torch():
+    import sys
+
+    from medrpn.commands.predict import FLIPS
+    from medrpn.model.flip_proposals import FLIP_DIMS
+
+    assert set(FLIPS) == set(FLIP_DIMS)
+    code = (
+        "import sys\n"
+        "from medrpn.cli import main\n"
+        "try:\n    main(['predict', '--help'])\nexcept SystemExit:\n    pass\n"
+        "assert 'torch' not in sys.modules and 'lightning' not in sys.modules, sorted(sys.modules)[:20]\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "--anonymize-paths" in done.stdout

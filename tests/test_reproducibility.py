@@ -9,7 +9,7 @@ from pathlib import Path
 
 import mlflow
 
-from medrpn.synth import write_synthetic_dataset
+from medrpn.data.synth import write_synthetic_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 

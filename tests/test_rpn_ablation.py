@@ -13,7 +13,7 @@ import mlflow
 import pytest
 import yaml
 
-from medrpn.synth import write_synthetic_dataset
+from medrpn.data.synth import write_synthetic_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 96

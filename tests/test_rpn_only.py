@@ -29,9 +29,9 @@ from medrpn.data.transforms import build_transform
 from medrpn.errors import ConfigError
 from medrpn.outputs import ImageFindings
 from medrpn.outputs.proposals import image_proposals, write_proposals
-from medrpn.predict import load_checkpoint, predict_files
-from medrpn.synth import write_synthetic_dataset
-from medrpn.training import RPN_LOSS_NAMES, LesionDetectionModule
+from medrpn.inference.predict import load_checkpoint, predict_files
+from medrpn.data.synth import write_synthetic_dataset
+from medrpn.training.lightning_module import RPN_LOSS_NAMES, LesionDetectionModule
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 96

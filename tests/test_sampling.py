@@ -71,7 +71,7 @@ def test_bad_sampler_names_are_clear():
 
 def test_data_module_serves_training_batches_through_the_chosen_sampler(tmp_path):
     from medrpn.data.datamodule import LesionDataModule
-    from medrpn.synth import write_synthetic_dataset
+    from medrpn.data.synth import write_synthetic_dataset
 
     write_synthetic_dataset(tmp_path / "data", n_images=12, image_size=64, seed=2)
     annotations = str(tmp_path / "data" / "annotations.csv")

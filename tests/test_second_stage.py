@@ -17,7 +17,7 @@ from medrpn.cli import main as medrpn_main
 from medrpn.errors import MedrpnError
 from medrpn.metrics.froc import FP_RATES
 from medrpn.model.detector import DetectorOutput
-from medrpn.predict import predict_files
+from medrpn.inference.predict import predict_files
 from medrpn.second_stage import (
     CropClassifier,
     CropClassifierConfig,
@@ -260,9 +260,11 @@ def test_fit_crops_writes_a_plain_checkpoint_and_prints_both_rows(fitted, run):
     counts = checkpoint["training"]["train_counts"]
     assert counts[0] > 0 and counts[1] > 0 and counts[2] > 0  # background from proposals, lesions at least from the truth
     assert "training crops per label  background" in out
-    for title in ("all: detector alone", "all: + second stage", "nodule: + second stage", "spiculated: detector alone"):
+    for title in ("all: detector alone", "all: + second stage"):  # FROC, CPM and the CPM at IoU 0.5
+        assert len(_rows(out, title)) == len(FP_RATES) + 2, title
+    for title in ("nodule: + second stage", "spiculated: detector alone"):
         assert len(_rows(out, title)) == len(FP_RATES) + 1, title
-    assert _rows(out, "all: + second stage")[-1] == pytest.approx(checkpoint["validation"]["second_stage"]["cpm"], abs=1e-3)
+    assert _rows(out, "all: + second stage")[-2] == pytest.approx(checkpoint["validation"]["second_stage"]["cpm"], abs=1e-3)
 
 
 def test_fit_crops_is_an_mlflow_run_beside_the_detectors(fitted, run):
@@ -301,10 +303,10 @@ def test_evaluate_with_a_second_stage_prints_the_detector_alone_and_with_it(fitt
     out = capsys.readouterr().out
     assert "(both proposals), same val images" in out
     alone, with_stage = _rows(out, "all: detector alone"), _rows(out, "all: + second stage")
-    assert len(alone) == len(with_stage) == len(FP_RATES) + 1
+    assert len(alone) == len(with_stage) == len(FP_RATES) + 2  # FROC, CPM, CPM at IoU 0.5
     # the "alone" row is the detector's own figure in the full table above it
     table_cpm = float(out.split("FP per image")[1].splitlines()[1].split()[-1])
-    assert alone[-1] == pytest.approx(table_cpm, abs=1e-3)
+    assert alone[-2] == pytest.approx(table_cpm, abs=1e-3)
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri=uri)
@@ -317,7 +319,7 @@ def test_evaluate_with_a_second_stage_prints_the_detector_alone_and_with_it(fitt
 
 
 def test_evaluate_with_a_second_stage_runs_the_detector_once_for_the_same_figures(fitted, run):
-    from medrpn.evaluate import evaluate_checkpoint
+    from medrpn.commands.evaluate import evaluate_checkpoint
     from medrpn.model.detector import LesionDetector
 
     calls = []
@@ -328,9 +330,10 @@ def test_evaluate_with_a_second_stage_runs_the_detector_once_for_the_same_figure
 
     hook = torch.nn.modules.module.register_module_forward_hook(count)
     try:
-        plain = evaluate_checkpoint(run.ckpt, run.config, split="val")
+        data = torch.load(run.ckpt, map_location="cpu", weights_only=True)["datamodule_hyper_parameters"]
+        plain = evaluate_checkpoint(run.ckpt, data, split="val")
         plain_images = sum(calls)
-        both = evaluate_checkpoint(run.ckpt, run.config, split="val", second_stage=fitted[0])
+        both = evaluate_checkpoint(run.ckpt, data, split="val", second_stage=fitted[0])
     finally:
         hook.remove()
     assert plain_images > 0 and sum(calls) == 2 * plain_images  # once each, not once more for the second stage
@@ -350,13 +353,20 @@ def test_predict_with_a_second_stage_uses_its_operating_point(fitted, run, tmp_p
     assert report.score_threshold == pytest.approx(stored["score_threshold"])
     findings = json.loads(next((tmp_path / "out").rglob("findings.json")).read_text())
     assert findings["model"]["threshold_source"] == "second-stage operating point"
-    assert all(f["score"] >= stored["score_threshold"] - 1e-4 for i in findings["images"] for f in i["findings"])  # 4 decimals
+    kept = [f["score"] for i in findings["images"] for f in i["findings"]]
+    # the same image at threshold 0: the findings above are exactly those scoring at least the
+    # operating point (scores are written with 4 decimals)
+    predict_files(run.ckpt, image, tmp_path / "all", num_workers=0, second_stage=path, score_threshold=0.0)
+    everything = json.loads(next((tmp_path / "all").rglob("findings.json")).read_text())
+    scores = [f["score"] for i in everything["images"] for f in i["findings"]]
+    assert scores, "at threshold 0 the second stage scores every candidate"
+    assert sorted(kept) == sorted(v for v in scores if v >= round(stored["score_threshold"], 4))
 
 
 def test_an_rpn_only_detector_gets_a_second_stage_for_the_data_classes(run, tmp_path, capsys):
     import lightning
 
-    from medrpn.training import LesionDetectionModule
+    from medrpn.training.lightning_module import LesionDetectionModule
 
     torch.manual_seed(0)  # an untrained RPN-only detector, saved as Lightning saves one
     module = LesionDetectionModule(class_names=CLASSES, rpn_only=True, backbone={"fpn_channels": 16},

@@ -12,7 +12,7 @@ from medrpn.data.annotations import read_annotations
 from medrpn.data.datamodule import LesionDataModule
 from medrpn.data.splits import SplitConfig, read_split_file, write_split_file
 from medrpn.errors import ConfigError
-from medrpn.synth import write_synthetic_dataset
+from medrpn.data.synth import write_synthetic_dataset
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,7 @@ from medrpn.outputs.gsps import build_presentation_states, layer_names
 from medrpn.outputs.references import EMPTY_KEYWORDS, derived_uid, reference_header
 from medrpn.outputs.sr import PRIVATE_SCHEME, build_measurement_report, class_code, write_dicom
 from medrpn.outputs.study import StudyOutputs, existing_outputs
-from medrpn.synth import write_synthetic_dataset
+from medrpn.data.synth import write_synthetic_dataset
 
 CLASSES = ["nodule", "spiculated", "mass"]
 MODEL = ModelInfo(

@@ -14,7 +14,7 @@ from pydicom.pixels import apply_modality_lut, apply_voi_lut
 from pydicom.uid import ExplicitVRLittleEndian
 
 from medrpn.errors import ConfigError
-from medrpn.synth import CLASS_NAMES, DX_FOR_PRESENTATION, write_synthetic_dataset
+from medrpn.data.synth import CLASS_NAMES, DX_FOR_PRESENTATION, write_synthetic_dataset
 
 SIZE, SPACING, N = 128, 0.8, 30
 

@@ -14,21 +14,14 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from medrpn.data.datamodule import LesionDataModule
 from medrpn.errors import ConfigError
-from medrpn.synth import CLASS_NAMES, write_synthetic_dataset
-from medrpn.training import LesionDetectionModule
-from medrpn.weight_averaging import ModelEMA, ramped_decay
+from medrpn.data.synth import CLASS_NAMES, write_synthetic_dataset
+from medrpn.training.lightning_module import LesionDetectionModule
+from medrpn.training.weight_averaging import ModelEMA, ramped_decay
+from support import SIZE, TINY
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-SIZE = 64
-TINY = dict(
-    backbone={"name": "resnet18", "fpn_channels": 16, "returned_stages": [1, 2, 3]},
-    anchors={"sizes": [[8.0], [16.0], [32.0], [64.0]]},
-    rpn={"pre_nms_top_n_train": 100, "post_nms_top_n_train": 50, "pre_nms_top_n_test": 50, "post_nms_top_n_test": 50},
-    roi={"batch_size_per_image": 32},
-    bootstrap_samples=10,
-    optim={"lr": 0.01, "warmup_steps": 0},  # large steps: the average and the weights part at once
-)
+TINY = {**TINY, "bootstrap_samples": 10, "optim": {"lr": 0.01, "warmup_steps": 0}}  # large steps: the average and the weights part at once
 
 
 @pytest.fixture(scope="module")

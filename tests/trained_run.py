@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from medrpn.synth import write_synthetic_dataset
+from medrpn.data.synth import write_synthetic_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 RUN_NAME = "eval-e2e"

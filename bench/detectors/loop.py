@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 
 from bench.detectors.data import batch_fingerprint, to_device
 from bench.detectors.system import Detector
-from medrpn.training import OptimConfig
+from medrpn.training.lightning_module import OptimConfig
 
 FINGERPRINT_BATCHES = 3
 

@@ -29,7 +29,9 @@ ACCURACY_KEYS = {
     "froc_1fp": "froc_1fp",
     "froc_2fp": "froc_2fp",
     "cpm": "cpm",
+    "cpm_iou50": "cpm_iou50",
     "map50": "map50",
+    "map50_95": "map50_95",
     "rpn_recall100": "rpn_recall100",
 }
 
@@ -65,6 +67,7 @@ def evaluate(
     scalars = metrics.report().scalars
     out: dict[str, Any] = {key: _clean(scalars.get(name, math.nan)) for key, name in ACCURACY_KEYS.items()}
     out["cpm_per_class"] = {c: _clean(scalars.get(f"{c}/cpm", math.nan)) for c in class_names}
+    out["map50_per_class"] = {c: _clean(scalars.get(f"{c}/map50", math.nan)) for c in class_names}
     out["val_images"] = n_images
     return out
 

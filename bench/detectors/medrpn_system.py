@@ -14,7 +14,7 @@ from typing import Any
 from torch import Tensor
 
 from bench.detectors.system import System
-from medrpn.training import LesionDetectionModule
+from medrpn.training.lightning_module import LesionDetectionModule
 
 
 class MedrpnDetector:

@@ -18,7 +18,9 @@ COLUMNS = (
     ("froc_1fp", "sens @1 FP", 3),
     ("froc_2fp", "sens @2 FP", 3),
     ("cpm", "CPM", 3),
+    ("cpm_iou50", "CPM IoU>=0.5", 3),
     ("map50", "mAP@0.5", 3),
+    ("map50_95", "mAP@0.5:0.95", 3),
     ("rpn_recall100", "RPN recall@100", 3),
     ("infer_images_per_s_b1", "infer img/s b1", 2),
     ("infer_images_per_s_b8", "infer img/s b8", 2),
@@ -36,6 +38,7 @@ RATIO_KEYS = (
     "peak_rss_over_data_mb",
     "peak_gpu_mb",
     "cpm",
+    "cpm_iou50",
     "map50",
     "froc_1fp",
 )

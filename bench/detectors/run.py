@@ -27,9 +27,10 @@ from bench.detectors.medrpn_system import build_medrpn, model_section
 from bench.detectors.measure import evaluate, inference_speed, peak_gpu_mb, peak_rss_mb
 from bench.detectors.system import System, parameter_count
 from medrpn.model import RoIConfig
-from medrpn.training import OptimConfig
+from medrpn.training.lightning_module import OptimConfig
 
-SYSTEMS = ("medrpn", "medrpn_mobilenet", "tv_resnet50", "tv_mobilenet", "monai_retinanet")
+SYSTEMS = ("medrpn", "medrpn_mobilenet", "tv_resnet50", "tv_mobilenet", "monai_retinanet", "yolov8n", "yolov8s", "yolo11n", "yolo11s")
+YOLO_SYSTEMS = ("yolov8n", "yolov8s", "yolo11n", "yolo11s")  # trained by Ultralytics itself (bench extra)
 
 
 @dataclass
@@ -94,15 +95,21 @@ def run_system(job: Job) -> dict[str, Any]:
     log(f"data ready in {data_seconds:.0f} s: {sizes['train']} train / {sizes['val']} val images")
 
     torch.manual_seed(job.seed)  # the same initial weights on every run of a system
-    system = build_system(job, recipe, dm.class_names)
-    system.detector.model.to(device)
-    torch.manual_seed(job.seed)  # the same augmentation stream for every system (num_workers=0)
-    optim = OptimConfig(**((recipe.get("model") or {}).get("optim") or {}))
-    budget = Budget(job.budget_seconds, job.budget_epochs)
-    log(f"{system.description}: {parameter_count(system.detector.model) / 1e6:.1f} M parameters; training")
-    stats = train(system.detector, loader(dm, "train", job.seed, shuffle=True), device, optim, budget, log)
+    if job.system in YOLO_SYSTEMS:
+        system, train_figures, optim_record = _train_yolo(job, dm, log)
+    else:
+        system = build_system(job, recipe, dm.class_names)
+        system.detector.model.to(device)  # before the optimiser is built over its parameters
+        torch.manual_seed(job.seed)  # the same augmentation stream for every system (num_workers=0)
+        optim = OptimConfig(**((recipe.get("model") or {}).get("optim") or {}))
+        budget = Budget(job.budget_seconds, job.budget_epochs)
+        log(f"{system.description}: {parameter_count(system.detector.model) / 1e6:.1f} M parameters; training")
+        stats = train(system.detector, loader(dm, "train", job.seed, shuffle=True), device, optim, budget, log)
+        log(f"trained {stats.steps} steps, {stats.images_seen} images in {stats.seconds:.0f} s; evaluating")
+        train_figures = stats.summary(sizes["train"], job.warmup_seconds)
+        optim_record = {"name": "AdamW", **asdict(optim), "schedule": "linear warm-up, cosine to 0 over the budget"}
+    system.detector.model.to(device)  # YOLO's network comes back from its trainer on the CPU
     train_rss = peak_rss_mb()
-    log(f"trained {stats.steps} steps, {stats.images_seen} images in {stats.seconds:.0f} s; evaluating")
     t0 = time.perf_counter()
     model_settings = recipe.get("model") or {}
     metric_settings = {k: model_settings[k] for k in ("froc_hit_rule", "froc_iou_threshold") if k in model_settings}
@@ -118,9 +125,9 @@ def run_system(job: Job) -> dict[str, Any]:
         "parameters_m": round(parameter_count(system.detector.model) / 1e6, 2),
         "settings": system.settings,
         "metric_settings": metric_settings or "DetectionMetrics defaults (IoU hit rule, 0.3)",
-        "optimizer": {"name": "AdamW", **asdict(optim), "schedule": "linear warm-up, cosine to 0 over the budget"},
+        "optimizer": optim_record,
         "train_size": sizes["train"],
-        **stats.summary(sizes["train"], job.warmup_seconds),
+        **train_figures,
         **accuracy,
         "eval_seconds": round(eval_seconds, 2),
         **speed,
@@ -132,6 +139,20 @@ def run_system(job: Job) -> dict[str, Any]:
         "peak_rss_over_data_mb": round(peak_rss_mb() - data_rss, 1),
         "peak_gpu_mb": peak_gpu_mb(device),
     }
+
+
+def _train_yolo(job: Job, dm, log) -> tuple[System, dict[str, Any], str]:
+    """Ultralytics trains YOLO on the split's training images in its own way (see yolo_system)."""
+    from bench.detectors.yolo_system import train_yolo, write_yolo_dataset
+
+    folder = Path(job.report_dir) / "yolo"
+    data_yaml = write_yolo_dataset(dm.splits, dm.class_names, folder / "data")
+    log(f"Ultralytics {job.system}, from scratch; training on {len(dm.splits['train'])} images")
+    system, figures = train_yolo(
+        job.system, data_yaml, job.image_size, job.batch_size, job.num_workers, job.device,
+        job.budget_seconds, job.budget_epochs, job.seed, folder / "runs", log,
+    )
+    return system, figures, "Ultralytics' own (optimizer=auto, its schedule fitted to the budget)"
 
 
 def _child(job: Job, result_path: str) -> None:

@@ -234,10 +234,8 @@ class _FillDataset(Dataset):
     def __getitem__(self, index: int):
         try:
             return index, self.cache._work(self.records[index], self.keep)
-        except DataError as e:
+        except DataError as e:  # the readers turn every decoder failure into one; anything else is a bug
             return index, ("error", e.path, e.reason)
-        except Exception as e:  # a decoder crash must not stop the others
-            return index, ("error", str(self.records[index].image_path), f"cannot be read ({type(e).__name__}: {e})")
 
 
 def _identity(x):

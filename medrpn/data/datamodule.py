@@ -128,7 +128,8 @@ class LesionDataModule(L.LightningDataModule):
         self.records, self.class_names = read_annotations(
             Path(annotations), class_names, format, self.problems, image_dir, self.fusion, self.read
         )
-        self.groups = dict(zip((r.key for r in self.records), group_keys(self.records, self.split.group_blocks)))
+        keys = group_keys(self.records, self.split.group_blocks, max_decoded_bytes=self.read.max_decoded_bytes)
+        self.groups = dict(zip((r.key for r in self.records), keys))
         self.splits = self._split(self.records)
         self.images = ImageCache(self.cache_config, self.read, image_size)
         self._checked = False
@@ -140,7 +141,9 @@ class LesionDataModule(L.LightningDataModule):
         groups = [self.groups[r.key] for r in records]
         stratify = self.split.stratify
         if self.split.num_folds is None:
-            return split_by_patient(records, hp.val_fraction, hp.test_fraction, hp.split_seed, groups, stratify)
+            return split_by_patient(
+                records, hp.val_fraction, hp.test_fraction, hp.split_seed, groups, stratify, ordered=self.split.ordered
+            )
         held = split_by_patient(records, 0.0, hp.test_fraction, hp.split_seed, groups, stratify)
         rest = held["train"]
         folds = kfold_by_patient(rest, self.split.num_folds, hp.split_seed, [self.groups[r.key] for r in rest], stratify)

@@ -1,10 +1,11 @@
 """A map-style dataset of annotated images that survives bad files.
 
 Images come from an `ImageCache` (decoded, windowed and fitted to the input size once); the
-per-epoch work is padding and augmentation. An image that cannot be read, or a sample that cannot
-be made for any other reason, is reported (a warning naming the file and the reason, once per
-file and process) and yields `None`, which the collate function drops: one broken file never
-stops an epoch.
+per-epoch work is padding and augmentation. An image that cannot be read (a `DataError`, which
+every image reader raises for a missing, unreadable or corrupt file) is reported (a warning naming
+the file and the reason, once per file and process) and yields `None`, which the collate function
+drops: one broken file never stops an epoch. Any other exception is a bug, not a bad file, and
+propagates: skipping it would silently shrink the training, validation and test sets.
 """
 
 from __future__ import annotations
@@ -65,8 +66,6 @@ class DetectionDataset(Dataset):
             return self._sample(record)
         except DataError as error:
             self._report(record.key, error.path, error.reason)
-        except Exception as error:  # never let one image end an epoch
-            self._report(record.key, str(record.image_path), f"{type(error).__name__}: {error}")
         return None
 
     def _seed_augmentation(self) -> None:

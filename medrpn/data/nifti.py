@@ -17,6 +17,7 @@ annotation tools and medrpn agree on it. Only the slice is read from disk (nibab
 from __future__ import annotations
 
 import gzip
+import math
 import zlib
 from pathlib import Path
 
@@ -24,6 +25,7 @@ import nibabel as nib
 import numpy as np
 from nibabel.filebasedimages import ImageFileError
 
+from medrpn.data.limits import DEFAULT_MAX_DECODED_BYTES, check_decoded_size
 from medrpn.data.windows import WindowConfig, linear_window, percentile_window, stretch
 from medrpn.errors import ConfigError, DataError
 
@@ -43,7 +45,11 @@ def is_nifti(path: Path) -> bool:
 
 
 def decode_nifti(
-    path: str | Path, frame: int | None, axis: str = "axial", window: WindowConfig | None = None
+    path: str | Path,
+    frame: int | None,
+    axis: str = "axial",
+    window: WindowConfig | None = None,
+    max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES,
 ) -> tuple[np.ndarray, tuple[float, float], dict]:
     """One slice of a 3D (or 2D) NIfTI file in [0, 1].
 
@@ -53,21 +59,22 @@ def decode_nifti(
             when the volume has a single slice along it.
         axis: "axial", "coronal" or "sagittal".
         window: intensity window; "file" uses the header's cal_min/cal_max when set, else percentiles.
+        max_decoded_bytes: refuse a volume whose header declares more voxel data (`medrpn.data.limits`).
 
     Returns:
-        (array float64 (H, W) in [0, 1], spacing (row, col) mm, meta with the orientation code).
+        (array float32 (H, W) in [0, 1], spacing (row, col) mm, meta with the orientation code).
     """
     path = Path(path)
     window = window or WindowConfig()
-    img, voxel_axis, n_slices = _open(path, axis)
+    img, voxel_axis, n_slices = _open(path, axis, max_decoded_bytes)
     frame = _check_frame(path, frame, n_slices, axis)
     slicer = [slice(None)] * 3
     slicer[voxel_axis] = frame
     try:
         if img.ndim == 3:  # only this slice is read
-            data = np.asarray(img.dataobj[tuple(slicer)], dtype=np.float64)
+            data = np.asarray(img.dataobj[tuple(slicer)], dtype=np.float32)
         else:  # 2D, or 3D with a trailing axis of length 1
-            data = np.asarray(img.dataobj, dtype=np.float64).reshape(_shape3(img))[tuple(slicer)]
+            data = np.asarray(img.dataobj, dtype=np.float32).reshape(_shape3(img))[tuple(slicer)]
     except (EOFError, OSError, zlib.error, gzip.BadGzipFile, ValueError) as e:
         raise DataError(path, f"the image data is truncated or corrupt ({e})") from e
     pixels, (row_axis, col_axis) = _display(data, img, voxel_axis, axis)
@@ -83,10 +90,13 @@ def decode_nifti(
     return unit, spacing, meta
 
 
-def probe_nifti(path: str | Path, frame: int | None, axis: str = "axial") -> tuple[int, int, tuple[float, float], dict]:
-    """(height, width, spacing, meta) of the displayed slice, checking dimensionality and slice number; reads no voxels."""
+def probe_nifti(
+    path: str | Path, frame: int | None, axis: str = "axial", max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES
+) -> tuple[int, int, tuple[float, float], dict]:
+    """(height, width, spacing, meta) of the displayed slice, checking dimensionality, size and slice
+    number; reads no voxels."""
     path = Path(path)
-    img, voxel_axis, n_slices = _open(path, axis)
+    img, voxel_axis, n_slices = _open(path, axis, max_decoded_bytes)
     frame = _check_frame(path, frame, n_slices, axis)
     shape = _shape3(img)
     _, (row_axis, col_axis) = _display(None, img, voxel_axis, axis)
@@ -94,13 +104,15 @@ def probe_nifti(path: str | Path, frame: int | None, axis: str = "axial") -> tup
     return shape[row_axis], shape[col_axis], spacing, {"slice_axis": axis, "slice": frame}
 
 
-def count_slices(path: str | Path, axis: str = "axial") -> int:
-    """How many slices the volume has along `axis`."""
-    return _open(Path(path), axis)[2]
+def count_slices(path: str | Path, axis: str = "axial", max_decoded_bytes: int | None = None) -> int:
+    """How many slices the volume has along `axis` (with `max_decoded_bytes`, refusing a volume that
+    declares more voxel data)."""
+    return _open(Path(path), axis, max_decoded_bytes)[2]
 
 
-def _open(path: Path, axis: str):
-    """The image (header only), the voxel axis perpendicular to `axis`, and the number of slices along it."""
+def _open(path: Path, axis: str, max_decoded_bytes: int | None = None):
+    """The image (header only), the voxel axis perpendicular to `axis`, and the number of slices along it;
+    with `max_decoded_bytes`, a volume declaring more voxel data is refused before any is read."""
     if axis not in AXES:
         raise ConfigError(f"data.read.axis: unknown slice axis {axis!r}; choose one of {', '.join(AXES)}")
     try:
@@ -119,6 +131,11 @@ def _open(path: Path, axis: str):
             f"expected a 2D image or a 3D volume, got a {len(shape)}D array of shape {tuple(shape)} "
             "(give one 3D volume per file: medrpn reads 2D slices, not time series or channels)",
         )
+    if max_decoded_bytes is not None:
+        voxel_bytes = img.header.get_data_dtype().itemsize
+        size = math.prod(int(n) for n in shape) * voxel_bytes
+        declared = f"a volume of {' x '.join(str(int(n)) for n in shape)} voxels x {voxel_bytes} bytes"
+        check_decoded_size(path, declared, size, max_decoded_bytes)
     ornt = nib.orientations.io_orientation(img.affine)
     voxel_axis = int(np.flatnonzero(ornt[:, 0] == AXES[axis])[0])
     return img, voxel_axis, _shape3(img)[voxel_axis]

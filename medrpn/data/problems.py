@@ -26,6 +26,7 @@ KINDS = {
     "bad_file": "annotation file that cannot be read",
     "bad_row": "annotation row that cannot be parsed",
     "unknown_class": "box of a class not in the class names",
+    "not_finite": "box with a coordinate that is not a finite number (nan, inf)",
     "negative": "box with a negative coordinate",
     "inverted": "inverted box (x2 < x1 or y2 < y1)",
     "zero_size": "zero-sized box",

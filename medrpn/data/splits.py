@@ -16,6 +16,13 @@ class among its boxes ("no box" for groups without lesions), so every class is s
 splits in about the requested proportions. The assignment is greedy and seeded: each group goes
 to the split furthest behind its share within the stratum (ties: furthest behind overall).
 
+With `ordered: true` the groups are not shuffled but taken in the order of their file numbers
+(folder, then the lowest number of their images), and each stratum is cut in that order: the
+first share trains, the next validates, the last tests. For a dataset numbered in the order it
+was collected, the test split is then the latest patients, as new patients will be: a random
+split scatters patients of every period over all three splits, so its test figure reads higher
+than what a model meets on a later cohort.
+
 A split file (`SplitConfig.file`) replaces all of this with a fixed split, for a split made
 elsewhere (a challenge's official one, a benchmark's) or one to keep across runs and machines:
 JSON ``{"train": [image paths], "val": [...], "test": [...]}``, paths relative to the file's
@@ -35,6 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from medrpn.data.dicom import patient_of
+from medrpn.data.limits import DEFAULT_MAX_DECODED_BYTES
 from medrpn.data.records import Record
 from medrpn.errors import ConfigError
 
@@ -53,6 +61,8 @@ class SplitConfig:
         num_folds: when set, k-fold cross-validation: the test split is held out first, the
             rest is cut into this many folds, and fold `fold` is the validation split.
         fold: which fold validates (0-based).
+        ordered: cut the groups in the order of their file numbers instead of at random (see
+            the module docstring): the highest numbers test.
         file: a split file (see the module docstring) that fixes the split; the fractions,
             seed, grouping and folds are then not used.
     """
@@ -61,6 +71,7 @@ class SplitConfig:
     stratify: bool = True
     num_folds: int | None = None
     fold: int = 0
+    ordered: bool = False
     file: str | None = None
 
     def __post_init__(self) -> None:
@@ -68,17 +79,25 @@ class SplitConfig:
             raise ConfigError(f"data.split.group_blocks must be >= 1, got {self.group_blocks}")
         if self.num_folds is not None and (self.num_folds < 2 or not 0 <= self.fold < self.num_folds):
             raise ConfigError(f"data.split: need num_folds >= 2 and 0 <= fold < num_folds, got {self.num_folds}, {self.fold}")
+        if self.ordered and self.num_folds is not None:
+            raise ConfigError("data.split: ordered cuts train, val and test in file-number order; it cannot be combined with num_folds")
         if self.file is not None and self.num_folds is not None:
             raise ConfigError(f"data.split: a split file ({self.file}) fixes the split; it cannot be combined with num_folds")
 
 
-def group_keys(records: Sequence[Record], group_blocks: int | None = None, read_dicom: bool = True) -> list[str]:
-    """The patient group of each record (see the module docstring for the order of the rules)."""
+def group_keys(
+    records: Sequence[Record],
+    group_blocks: int | None = None,
+    read_dicom: bool = True,
+    max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES,
+) -> list[str]:
+    """The patient group of each record (see the module docstring for the order of the rules); a
+    deflated DICOM inflating to more than `max_decoded_bytes` is not read for its patient."""
     keys = []
     for record in records:
         key = f"patient:{record.patient_id}" if record.patient_id else None
         if key is None and read_dicom:
-            key = patient_of(record.image_path)
+            key = patient_of(record.image_path, max_decoded_bytes)
         if key is None and group_blocks:
             match = _NUMBER.search(Path(record.image_path).stem)
             if match:
@@ -94,6 +113,7 @@ def split_by_patient(
     seed: int = 0,
     groups: Sequence[str] | None = None,
     stratify: bool = True,
+    ordered: bool = False,
 ) -> dict[str, list[Record]]:
     """Assign whole patients to train/val/test so that about the given fractions of images land in each.
 
@@ -104,13 +124,17 @@ def split_by_patient(
         groups: the patient group of each record (`group_keys`); by default the patient id,
             else the image itself (no file is opened).
         stratify: balance each class across the splits.
+        ordered: cut in file-number order (train, val, test) instead of at random.
     """
     if val_fraction < 0 or test_fraction < 0 or val_fraction + test_fraction >= 1:
         raise ConfigError(
             f"split fractions must be >= 0 and leave images for training: val={val_fraction}, test={test_fraction}"
         )
     shares = {"test": test_fraction, "val": val_fraction, "train": 1.0 - val_fraction - test_fraction}
-    parts = _assign(records, shares, seed, groups, stratify)
+    if ordered:
+        parts = _assign_in_order(records, shares, groups, stratify)
+    else:
+        parts = _assign(records, shares, seed, groups, stratify)
     return {name: parts[name] for name in SPLITS}
 
 
@@ -124,7 +148,9 @@ def kfold_by_patient(
     return [parts[i] for i in range(num_folds)]
 
 
-def _assign(records, shares: dict, seed: int, groups, stratify: bool) -> dict:
+def _grouped(records, groups, stratify: bool):
+    """The records of each group, the stratum of a group (its rarest class, -1 for none), and the
+    number of boxes of each class."""
     if groups is None:
         groups = [f"patient:{r.patient_id}" if r.patient_id else f"image:{r.key}" for r in records]
     if len(groups) != len(records):
@@ -140,6 +166,35 @@ def _assign(records, shares: dict, seed: int, groups, stratify: bool) -> dict:
             return -1
         return min(labels, key=lambda lab: (box_counts[lab], lab))  # the rarest class
 
+    return members, stratum, box_counts
+
+
+def _file_order(record: Record) -> tuple[str, float, str]:
+    """Sort key of an image by file number: its folder, the last number in its name, its name."""
+    path = Path(record.image_path)
+    match = _NUMBER.search(path.stem)
+    return (str(path.parent), int(match.group(1)) if match else float("inf"), path.name)
+
+
+def _assign_in_order(records, shares: dict, groups, stratify: bool) -> dict:
+    """Each stratum's groups in file-number order, cut into train, val and test by image share."""
+    members, stratum, _ = _grouped(records, groups, stratify)
+    by_stratum: dict[int, list[str]] = defaultdict(list)
+    for key in sorted(members, key=lambda k: min(_file_order(r) for r in members[k])):
+        by_stratum[stratum(key)].append(key)
+    parts: dict = {name: [] for name in shares}
+    cuts = (("train", shares["train"]), ("val", shares["train"] + shares["val"]), ("test", 1.0))
+    for keys in by_stratum.values():
+        n_total, done = sum(len(members[k]) for k in keys), 0
+        for key in keys:
+            name = next(name for name, upto in cuts if done < upto * n_total - 1e-9 or name == "test")
+            parts[name].extend(members[key])
+            done += len(members[key])
+    return parts
+
+
+def _assign(records, shares: dict, seed: int, groups, stratify: bool) -> dict:
+    members, stratum, box_counts = _grouped(records, groups, stratify)
     keys = sorted(members)
     random.Random(seed).shuffle(keys)
     by_stratum: dict[int, list[str]] = defaultdict(list)

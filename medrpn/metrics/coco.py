@@ -216,6 +216,7 @@ def faster_coco_eval_average_precision(
 
     Runs the library's standard evaluation (its default IoU thresholds, area ranges and maxDets
     1/10/100) for AP@[.5:.95] and AP@.5, and once more with the single IoU threshold 0.1.
+    faster-coco-eval comes with the `dev` extra (tests and bench), not with medrpn itself.
     """
     from faster_coco_eval import COCO, COCOeval_faster
 

@@ -1,7 +1,8 @@
 """DetectionMetrics: the evaluation figures of a lesion detector, accumulated over an epoch.
 
 One torchmetrics ``Metric`` gives FROC sensitivities and CPM (class-agnostic and per class) under
-the chosen hit rule, COCO mAP at IoU 0.1 / 0.5 / 0.5:0.95, RPN proposal recall by lesion size,
+the chosen hit rule, the class-agnostic CPM at IoU >= 0.5 beside it (comparable across projects
+whatever the chosen rule), COCO mAP at IoU 0.1 / 0.5 / 0.5:0.95, RPN proposal recall by lesion size,
 an operating point and, on request, bootstrap intervals (see ``medrpn.metrics.report`` for the
 names and ``medrpn.metrics.froc`` for the counting rules).
 
@@ -26,7 +27,14 @@ from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
-from medrpn.metrics.froc import HitRule, best_hit_scores, check_hit_rule, hit_matrix
+from medrpn.metrics.froc import (
+    HitRule,
+    best_hit_scores,
+    check_hit_rule,
+    credit_one_lesion_each,
+    hit_quality,
+    hits_of_quality,
+)
 from medrpn.metrics.proposals import PROPOSAL_TOP_KS, best_proposal_iou_batch, lesion_size
 from medrpn.metrics.report import DetectionRecords, EvaluationReport, evaluate_records, froc_key
 
@@ -42,10 +50,12 @@ _STATES: dict[str, torch.dtype] = {
     "pred_label": torch.long,
     "pred_fp_any": torch.uint8,
     "pred_fp_cls": torch.uint8,
+    "pred_fp_iou50": torch.uint8,
     "gt_box": torch.float32,  # 4 values per lesion
     "gt_label": torch.long,
     "gt_best_any": torch.float32,
     "gt_best_cls": torch.float32,
+    "gt_best_iou50": torch.float32,
     "gt_size_px": torch.float32,
     "gt_size_mm": torch.float32,
     "gt_proposal_iou": torch.float32,  # len(proposal_top_ks) values per lesion
@@ -68,7 +78,8 @@ class DetectionMetrics(Metric):
     Args:
         class_names: class names in label order (per-class figures with two or more); by
             default ``class0``, ``class1``, ... as many as the labels seen.
-        froc_hit_rule: ``"iou"`` (DeepLesion) or ``"center"`` (LUNA16).
+        froc_hit_rule: ``"iou"`` (IoU >= ``froc_iou_threshold``) or ``"center"`` (LUNA16's
+            centre-within-radius rule).
         froc_iou_threshold: IoU at which a detection hits a lesion (``"iou"`` rule).
         proposal_top_ks: numbers of leading proposals for proposal recall.
     """
@@ -159,9 +170,13 @@ class DetectionMetrics(Metric):
         # does not change under scaling), one matrix for the whole batch, masked to same image.
         unit = torch.where(torch.isnan(mm), px, mm).to(dev)  # (n_img, 2) row, col
         to_unit = unit[:, [1, 0, 1, 0]]
-        hits = hit_matrix(pb * to_unit[p_img], gb * to_unit[g_img], self.froc_hit_rule, self.froc_iou_threshold)
-        hits &= p_img[:, None] == g_img[None, :]
+        same_image = p_img[:, None] == g_img[None, :]
+        quality = hit_quality(pb * to_unit[p_img], gb * to_unit[g_img], self.froc_hit_rule)
+        hits = hits_of_quality(quality, self.froc_hit_rule, self.froc_iou_threshold) & same_image
         hits_cls = hits & (pl[:, None] == gl[None, :])
+        # IoU is unchanged by scaling each axis, so pixels do here
+        iou = quality if self.froc_hit_rule == "iou" else hit_quality(pb, gb, "iou")
+        hits50 = (iou >= 0.5) & same_image
 
         g_px = lesion_size(gb, px.to(dev)[g_img])
         g_mm = lesion_size(gb, mm.to(dev)[g_img])
@@ -180,10 +195,12 @@ class DetectionMetrics(Metric):
             "pred_label": pl,
             "pred_fp_any": ~hits.any(dim=1),
             "pred_fp_cls": ~hits_cls.any(dim=1),
+            "pred_fp_iou50": ~hits50.any(dim=1),
             "gt_box": gb.flatten(),
             "gt_label": gl,
-            "gt_best_any": best_hit_scores(hits, ps),
-            "gt_best_cls": best_hit_scores(hits_cls, ps),
+            "gt_best_any": best_hit_scores(credit_one_lesion_each(hits, ps, quality), ps),
+            "gt_best_cls": best_hit_scores(credit_one_lesion_each(hits_cls, ps, quality), ps),
+            "gt_best_iou50": best_hit_scores(credit_one_lesion_each(hits50, ps, iou), ps),
             "gt_size_px": g_px,
             "gt_size_mm": g_mm,
             "gt_proposal_iou": prop_iou.flatten(),
@@ -208,11 +225,13 @@ class DetectionMetrics(Metric):
             pred_label=s["pred_label"],
             pred_fp_any=s["pred_fp_any"].astype(bool),
             pred_fp_cls=s["pred_fp_cls"].astype(bool),
+            pred_fp_iou50=s["pred_fp_iou50"].astype(bool),
             gt_image=np.repeat(image_ids, s["img_n_gt"]),
             gt_box=s["gt_box"].reshape(-1, 4),
             gt_label=s["gt_label"],
             gt_best_any=s["gt_best_any"],
             gt_best_cls=s["gt_best_cls"],
+            gt_best_iou50=s["gt_best_iou50"],
             gt_size_px=s["gt_size_px"],
             gt_size_mm=s["gt_size_mm"],
             gt_proposal_iou=s["gt_proposal_iou"].reshape(-1, len(self.proposal_top_ks)),

@@ -2,20 +2,30 @@
 
 Radiology reports detection quality as the sensitivity reached at a few average numbers of
 false positives per image (FP rates 1/8 ... 8), and their mean, the Competition Performance
-Metric (CPM) of LUNA16 and DeepLesion.
+Metric (CPM) of LUNA16. Here each 2D image is one unit of the FP rate; LUNA16 counts false
+positives per CT scan, so a figure called "LUNA16-like" is read the same way, per image.
 
 Hit rules (which prediction finds which lesion), chosen by name:
-- ``"iou"`` (DeepLesion): the IoU of prediction and lesion boxes is at least a threshold.
-- ``"center"`` (LUNA16): the prediction's centre lies within the lesion's radius of the lesion's
-  centre. A box lesion's radius is half its longer side (a LUNA16 nodule of diameter d has a d x d
-  box, so this is its d / 2). Give boxes in millimetres when the pixel spacing is known: the
-  distance is then physical even for non-square pixels.
+- ``"iou"``: the IoU of prediction and lesion boxes is at least a threshold (nnDetection reports
+  IoU 0.1 and 0.5, DeepLesion's papers 0.5; medrpn's default 0.3 is neither, which is why every
+  report also gives the CPM at IoU 0.5).
+- ``"center"`` (LUNA16's rule): the prediction's centre lies strictly within the lesion's radius of
+  the lesion's centre (distance < radius, as LUNA16's script). A box lesion's radius is half its
+  longer side (a LUNA16 nodule of diameter d has a d x d box, so this is its d / 2). Give boxes in
+  millimetres when the pixel spacing is known: the distance is then physical even for non-square
+  pixels.
 
-Counting (both rules): each lesion is counted once, at the best score of the predictions hitting
-it. A prediction that hits any lesion is never a false positive, so a second prediction on an
-already-found lesion is neither a hit nor a false positive. Predictions hitting no lesion are
-false positives, including every prediction on an image without lesions (which still counts in
-the number of images).
+Counting (both rules): a prediction credits at most one lesion, as in COCO's and nnDetection's
+matching: predictions are taken best score first, and each takes the not-yet-found lesion it
+hits with the best fit (highest IoU, or nearest centre relative to the radius); so one large box
+over two neighbouring lesions finds one of them, not both. (LUNA16's script lets one mark count
+for two nodules and prints a warning when it does.) Each lesion is counted once, at the score of
+the prediction that found it, the best-scoring one it could take. A prediction that hits any
+lesion is never a false positive, so a second prediction on an already-found lesion is neither a
+hit nor a false positive. Predictions hitting no lesion are false positives, including every
+prediction on an image without lesions (which still counts in the number of images). Because the
+matching runs best score first, the matching among the predictions above any threshold is the
+same as matching them alone, so the whole FROC curve comes from one matching.
 
 Interpolation (LUNA16): the FROC curve has one point per distinct score threshold (keep the
 predictions scoring at least it) plus the origin (keep nothing: 0 FP, sensitivity 0). LUNA16's
@@ -35,6 +45,7 @@ from __future__ import annotations
 import math
 from typing import Literal
 
+import numpy as np
 import torch
 from torch import Tensor
 from torchvision.ops import box_iou
@@ -56,17 +67,20 @@ def _check_boxes(name: str, boxes: Tensor) -> None:
         raise ValueError(f"{name} must have shape (N, 4), got {tuple(boxes.shape)}")
 
 
-def hit_matrix(pred_boxes: Tensor, gt_boxes: Tensor, rule: HitRule = "iou", iou_threshold: float = 0.3) -> Tensor:
-    """Which prediction hits which lesion under ``rule``.
+def _centre_distance_ratio(pred: Tensor, gt: Tensor) -> Tensor:
+    """(N, G) distance between prediction and lesion centres divided by the lesion's radius."""
+    pred_centre = (pred[:, :2] + pred[:, 2:]) / 2
+    gt_centre = (gt[:, :2] + gt[:, 2:]) / 2
+    radius = (gt[:, 2:] - gt[:, :2]).amax(dim=1) / 2
+    return torch.cdist(pred_centre, gt_centre) / radius[None, :]
 
-    Args:
-        pred_boxes: (N, 4) predicted boxes, xyxy (pixels, or millimetres for a physical distance).
-        gt_boxes: (G, 4) lesion boxes in the same unit.
-        rule: ``"iou"`` (IoU >= ``iou_threshold``) or ``"center"`` (centre distance <= lesion radius).
-        iou_threshold: used by the ``"iou"`` rule only.
+
+def hit_quality(pred_boxes: Tensor, gt_boxes: Tensor, rule: HitRule = "iou") -> Tensor:
+    """How well each prediction fits each lesion under ``rule``, higher is better.
 
     Returns:
-        (N, G) bool tensor, on the device of ``pred_boxes``.
+        (N, G) float32: the IoU for ``"iou"``; minus the centre distance over the lesion radius
+        for ``"center"`` (a hit is above -1).
     """
     _check_boxes("pred_boxes", pred_boxes)
     _check_boxes("gt_boxes", gt_boxes)
@@ -74,14 +88,62 @@ def hit_matrix(pred_boxes: Tensor, gt_boxes: Tensor, rule: HitRule = "iou", iou_
     pred = pred_boxes.detach().float()
     gt = gt_boxes.detach().float().to(pred.device)
     if pred.shape[0] == 0 or gt.shape[0] == 0:
-        return torch.zeros(pred.shape[0], gt.shape[0], dtype=torch.bool, device=pred.device)
+        return torch.zeros(pred.shape[0], gt.shape[0], device=pred.device)
     if rule == "iou":
-        return box_iou(pred, gt) >= iou_threshold
-    pred_centre = (pred[:, :2] + pred[:, 2:]) / 2
-    gt_centre = (gt[:, :2] + gt[:, 2:]) / 2
-    radius = (gt[:, 2:] - gt[:, :2]).amax(dim=1) / 2
-    distance = torch.cdist(pred_centre, gt_centre)
-    return distance <= radius[None, :]
+        return box_iou(pred, gt)
+    return -_centre_distance_ratio(pred, gt)
+
+
+def hits_of_quality(quality: Tensor, rule: HitRule = "iou", iou_threshold: float = 0.3) -> Tensor:
+    """The hit matrix of a ``hit_quality`` matrix: IoU >= ``iou_threshold``, or centre distance < radius."""
+    if rule == "iou":
+        return quality >= iou_threshold
+    return quality > -1.0  # nan (a lesion of radius 0) is no hit
+
+
+def hit_matrix(pred_boxes: Tensor, gt_boxes: Tensor, rule: HitRule = "iou", iou_threshold: float = 0.3) -> Tensor:
+    """Which prediction hits which lesion under ``rule``.
+
+    Args:
+        pred_boxes: (N, 4) predicted boxes, xyxy (pixels, or millimetres for a physical distance).
+        gt_boxes: (G, 4) lesion boxes in the same unit.
+        rule: ``"iou"`` (IoU >= ``iou_threshold``) or ``"center"`` (centre distance < lesion radius).
+        iou_threshold: used by the ``"iou"`` rule only.
+
+    Returns:
+        (N, G) bool tensor, on the device of ``pred_boxes``.
+    """
+    return hits_of_quality(hit_quality(pred_boxes, gt_boxes, rule), rule, iou_threshold)
+
+
+def credit_one_lesion_each(hits: Tensor, scores: Tensor, quality: Tensor) -> Tensor:
+    """The hits that count: each prediction credits at most one lesion, each lesion one prediction.
+
+    Predictions are taken best score first (ties: the earlier one); each takes, among the lesions
+    it hits that no better-scoring prediction has taken, the one it fits best (highest
+    ``quality``). A prediction all of whose lesions are taken credits none.
+
+    Args:
+        hits: (N, G) bool hit matrix (entries between different images are False).
+        scores: (N,) prediction scores.
+        quality: (N, G) fit of each prediction to each lesion, higher is better (``hit_quality``).
+
+    Returns:
+        (N, G) bool with at most one True per row and per column, on the device of ``hits``.
+    """
+    credited = np.zeros(tuple(hits.shape), dtype=bool)
+    rows = torch.nonzero(hits.any(dim=1)).flatten()
+    if len(rows):
+        hit_np = hits[rows].cpu().numpy()
+        fit = np.where(hit_np, quality[rows].detach().float().cpu().numpy(), -np.inf)
+        order = np.argsort(-scores[rows].detach().float().cpu().numpy(), kind="stable")
+        taken = np.zeros(hits.shape[1], dtype=bool)
+        for k, row in zip(order, rows.cpu().numpy()[order]):
+            free = np.where(taken, -np.inf, fit[k])
+            g = int(np.argmax(free))
+            if free[g] > -np.inf:
+                credited[row, g] = taken[g] = True
+    return torch.from_numpy(credited).to(hits.device)
 
 
 def match_image(
@@ -101,9 +163,10 @@ def match_image(
         rule: the hit rule, ``"iou"`` or ``"center"``.
 
     Returns:
-        ``gt_best_score`` (G,): for each lesion the highest score of a prediction hitting it,
-        or ``-inf`` when none does; ``fp_scores`` (F,): scores of the predictions hitting no
-        lesion. Both float32, on the device of ``pred_scores``.
+        ``gt_best_score`` (G,): for each lesion the score of the prediction credited with it
+        (each prediction credits at most one lesion, see the module's docstring), or ``-inf``
+        when none is; ``fp_scores`` (F,): scores of the predictions hitting no lesion. Both
+        float32, on the device of ``pred_scores``.
     """
     _check_boxes("pred_boxes", pred_boxes)
     _check_boxes("gt_boxes", gt_boxes)
@@ -112,8 +175,10 @@ def match_image(
             f"pred_scores must have shape ({pred_boxes.shape[0]},), got {tuple(pred_scores.shape)}"
         )
     scores = pred_scores.detach().float()
-    hits = hit_matrix(pred_boxes.to(scores.device), gt_boxes, rule, iou_threshold)  # (N, G)
-    return best_hit_scores(hits, scores), scores[~hits.any(dim=1)]
+    quality = hit_quality(pred_boxes.to(scores.device), gt_boxes, rule)  # (N, G)
+    hits = hits_of_quality(quality, rule, iou_threshold)
+    credited = credit_one_lesion_each(hits, scores, quality)
+    return best_hit_scores(credited, scores), scores[~hits.any(dim=1)]
 
 
 def best_hit_scores(hits: Tensor, scores: Tensor) -> Tensor:

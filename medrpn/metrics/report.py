@@ -9,6 +9,8 @@ Scalar names (all valid MLflow metric names):
 - ``froc_0.125fp`` ... ``froc_8fp``, ``cpm``: class-agnostic FROC (a lesion found by a box of
   any class) and, with several classes, ``<class>/froc_1fp``, ``<class>/cpm`` ... per class
   (a class's lesions, its predictions; FPs on every image);
+- ``cpm_iou50``: the class-agnostic CPM with a hit at IoU >= 0.5, whatever the chosen hit rule,
+  so that figures compare with nnDetection's and DeepLesion's (IoU 0.5);
 - ``froc_<r>fp_ci_low`` / ``_ci_high``, ``cpm_ci_low`` / ``_ci_high``: bootstrap interval, when asked;
 - ``map10``, ``map50``, ``map50_95``: COCO mAP at IoU 0.1, 0.5 and averaged over 0.5:0.95
   (and ``<class>/map...`` per class);
@@ -51,9 +53,11 @@ class DetectionRecords:
 
     Per image: ``image_group`` (N,) patient index 0..P-1 (the bootstrap unit).
     Per prediction: ``pred_image``, ``pred_box`` (M, 4) xyxy, ``pred_score``, ``pred_label``,
-    ``pred_fp_any`` (hits no lesion), ``pred_fp_cls`` (hits no lesion of its class).
-    Per lesion: ``gt_image``, ``gt_box``, ``gt_label``, ``gt_best_any`` / ``gt_best_cls`` (best
-    score of a hitting prediction of any class / of its class, ``-inf`` if none), ``gt_size_px``,
+    ``pred_fp_any`` (hits no lesion), ``pred_fp_cls`` (hits no lesion of its class),
+    ``pred_fp_iou50`` (overlaps no lesion at IoU >= 0.5).
+    Per lesion: ``gt_image``, ``gt_box``, ``gt_label``, ``gt_best_any`` / ``gt_best_cls`` /
+    ``gt_best_iou50`` (score of the prediction credited with it, of any class / of its class /
+    of any class at IoU >= 0.5, ``-inf`` if none), ``gt_size_px``,
     ``gt_size_mm`` (nan if unknown), ``gt_proposal_iou`` (G, len(top_ks)) (nan if no proposals).
     """
 
@@ -64,11 +68,13 @@ class DetectionRecords:
     pred_label: np.ndarray
     pred_fp_any: np.ndarray
     pred_fp_cls: np.ndarray
+    pred_fp_iou50: np.ndarray
     gt_image: np.ndarray
     gt_box: np.ndarray
     gt_label: np.ndarray
     gt_best_any: np.ndarray
     gt_best_cls: np.ndarray
+    gt_best_iou50: np.ndarray
     gt_size_px: np.ndarray
     gt_size_mm: np.ndarray
     gt_proposal_iou: np.ndarray
@@ -184,6 +190,11 @@ def evaluate_records(
         points = {rate: math.nan for rate in FP_RATES}
     scalars.update({froc_key(rate): v for rate, v in points.items()})
     scalars["cpm"] = cpm(points)
+    if n:
+        points50, _ = _froc_of(r.gt_best_iou50, r.pred_score[r.pred_fp_iou50.astype(bool)], n)
+        scalars["cpm_iou50"] = cpm(points50)
+    else:
+        scalars["cpm_iou50"] = math.nan
 
     n_classes = len(class_names)
     coco = coco_average_precision(
@@ -258,6 +269,11 @@ def evaluate_records(
     )
 
 
+def hit_rule_label(hit_rule: str, iou_threshold: float) -> str:
+    """What a FROC hit rule is, in words: ``IoU >= 0.3`` or LUNA16's centre rule."""
+    return f"IoU >= {iou_threshold:g}" if hit_rule == "iou" else "centre within lesion radius (LUNA16)"
+
+
 def _fmt(value: float | None) -> str:
     return "n/a" if value is None or not math.isfinite(value) else f"{value:.3f}"
 
@@ -265,10 +281,11 @@ def _fmt(value: float | None) -> str:
 def format_table(report: EvaluationReport) -> str:
     """The report as aligned plain text."""
     s, st = report.scalars, report.settings
-    rule = f"IoU >= {st['iou_threshold']:g}" if st["hit_rule"] == "iou" else "centre within lesion radius"
+    rule = hit_rule_label(st["hit_rule"], st["iou_threshold"])
     lines = [
         f"{st['n_images']} images ({st['n_patients']} patients), {st['n_lesions']} lesions, "
-        f"{st['n_predictions']} predictions; FROC hit rule: {rule}",
+        f"{st['n_predictions']} predictions; FROC hit rule: {rule}; a prediction credits at most "
+        "one lesion; false positives counted per 2D image",
         "",
     ]
     ci = report.intervals is not None
@@ -286,6 +303,7 @@ def format_table(report: EvaluationReport) -> str:
             highs = [s[f"{froc_key(r)}_ci_high"] for r in FP_RATES] + [s["cpm_ci_high"]]
             lines.append(f"{'  95% low':<14}" + "".join(f"{_fmt(v):>8}" for v in lows))
             lines.append(f"{'  95% high':<14}" + "".join(f"{_fmt(v):>8}" for v in highs))
+    lines.append(f"{'CPM at IoU >= 0.5 (all classes)':<40}{_fmt(s.get('cpm_iou50', math.nan)):>8}")
     lines += ["", f"{'mAP':<14}{'IoU 0.1':>10}{'IoU 0.5':>10}{'0.5:0.95':>10}"]
     for name in names:
         prefix = "" if name == "all" else f"{metric_safe(name)}/"

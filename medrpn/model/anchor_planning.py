@@ -38,6 +38,7 @@ from torchvision.models.detection.image_list import ImageList
 
 from medrpn.errors import ConfigError
 from medrpn.model.anchors import AnchorConfig, build_anchor_generator
+from medrpn.model.box_ops import paired_box_iou
 
 COVERAGE_IOU = 0.5  # torchvision's RPN foreground IoU: a box with no anchor at this IoU gets no positive
 # A box goes to the coarsest level whose stride is at most (its short side / factor); each factor is tried.
@@ -95,16 +96,6 @@ def anchors_per_image(setup: AnchorSetup, image_size: int) -> int:
     return sum(grid[..., 0].numel() for grid in _level_grids(setup, image_size))
 
 
-def _paired_iou(boxes: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
-    """IoU of boxes (..., 4) with anchors (..., 4), element by element (broadcast)."""
-    lt = torch.maximum(boxes[..., :2], anchors[..., :2])
-    rb = torch.minimum(boxes[..., 2:], anchors[..., 2:])
-    inter = (rb - lt).clamp(min=0).prod(dim=-1)
-    area_b = (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])
-    area_a = (anchors[..., 2] - anchors[..., 0]) * (anchors[..., 3] - anchors[..., 1])
-    return inter / (area_b + area_a - inter)
-
-
 def anchor_best_iou(boxes: np.ndarray, setup: AnchorSetup, image_size: int) -> np.ndarray:
     """For each box (N, 4) in input pixels, the IoU of its best-matching anchor (levels without anchors skipped)."""
     return _best_iou(boxes, _level_grids(setup, image_size))
@@ -133,7 +124,7 @@ def _best_iou(boxes: np.ndarray, grids: list[torch.Tensor]) -> np.ndarray:
         ix = torch.stack([ix - 1, ix]).clamp(0, cols - 1)  # (2, N): the columns left and right of the centre
         iy = torch.stack([iy - 1, iy]).clamp(0, rows - 1)
         near = grid[iy[:, None, :], ix[None, :, :]]  # (2, 2, N, anchors per position, 4)
-        iou = _paired_iou(boxes_t[None, None, :, None, :], near)
+        iou = paired_box_iou(boxes_t[None, None, :, None, :], near)
         best = torch.maximum(best, iou.amax(dim=(0, 1, 3)))
     return best.numpy()
 

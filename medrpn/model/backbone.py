@@ -1,4 +1,5 @@
-"""Feature extractor: a torchvision ResNet or MobileNetV3 with a Feature Pyramid Network on top.
+"""Feature extractor: a torchvision ResNet or MobileNetV3 (or any timm model,
+`medrpn.model.timm_backbone`) with a Feature Pyramid Network on top.
 
 Medical images are usually single-channel and are trained from scratch here (weights cannot be
 downloaded on every machine), so unlike torchvision's detection defaults:
@@ -22,6 +23,7 @@ from torchvision.ops import misc as misc_nn_ops
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from medrpn.errors import ConfigError
+from medrpn.model.timm_backbone import PREFIX, build_timm_fpn
 
 _RESNETS = {"resnet18": resnet18, "resnet34": resnet34, "resnet50": resnet50}
 _MOBILENETS = {"mobilenet_v3_large": mobilenet_v3_large}
@@ -33,15 +35,17 @@ class BackboneConfig:
     """Which network extracts features, and how wide its pyramid is.
 
     Attributes:
-        name: one of resnet18, resnet34, resnet50, mobilenet_v3_large.
+        name: one of resnet18, resnet34, resnet50, mobilenet_v3_large, or `timm/<model>` for a
+            timm network (`medrpn.model.timm_backbone`; needs timm installed).
         in_channels: image channels (1 for grey-scale scans).
         fpn_channels: channels of every pyramid level (torchvision uses 256).
         returned_stages: backbone stages that feed the FPN, 1-based. For ResNets stage k has
             stride 2**(k+1) (1 -> stride 4 ... 4 -> stride 32); for MobileNetV3 the strided
             blocks are counted the same way. A max-pooled level (stride x2 of the last) is added.
-        pretrained: load torchvision's ImageNet weights (needs them downloaded or cached).
-        trainable_stages: with pretrained weights, how many stages from the top are trained
-            (0..5); ignored when training from scratch, where everything is trained.
+        pretrained: load torchvision's (timm's) ImageNet weights (needs them downloaded or cached).
+        trainable_stages: with pretrained torchvision weights, how many stages from the top are
+            trained (0..5); ignored when training from scratch, where everything is trained, and
+            for timm backbones, which are trained whole.
     """
 
     name: str = "resnet18"
@@ -52,13 +56,17 @@ class BackboneConfig:
     trainable_stages: int = 3
 
 
-def build_backbone(config: BackboneConfig) -> BackboneWithFPN:
+def build_backbone(config: BackboneConfig) -> nn.Module:
     """Builds the backbone with FPN; its `out_channels` attribute is the pyramid width."""
+    if config.name.startswith(PREFIX):
+        return build_timm_fpn(
+            config.name[len(PREFIX):], config.in_channels, config.returned_stages, config.fpn_channels, config.pretrained
+        )
     if config.name in _RESNETS:
         return _resnet_fpn(config)
     if config.name in _MOBILENETS:
         return _mobilenet_fpn(config)
-    raise ConfigError(f"backbone.name: unknown backbone {config.name!r}; choose one of {', '.join(BACKBONES)}")
+    raise ConfigError(f"backbone.name: unknown backbone {config.name!r}; choose one of {', '.join(BACKBONES)} or timm/<model>")
 
 
 def _load(constructor: Callable[..., nn.Module], config: BackboneConfig) -> nn.Module:

@@ -33,6 +33,7 @@ from torchvision.ops import batched_nms
 
 from medrpn.model.anchors import AnchorConfig, build_anchor_generator
 from medrpn.model.backbone import BackboneConfig, build_backbone
+from medrpn.model.box_ops import suppress_contained
 from medrpn.model.flip_proposals import flip_images, merge_proposals, unflip_boxes
 from medrpn.model.roi_heads import RoIConfig, build_roi_heads
 from medrpn.model.rpn import RPNConfig, build_rpn
@@ -48,6 +49,10 @@ class DetectorConfig:
         pixel_mean / pixel_std: standardisation applied to the [0, 1] input.
         cross_class_nms_thresh: after per-class NMS, detections of *different* classes that
             overlap more than this are suppressed too, so one lesion gets one box (1.0 disables).
+        containment_thresh: then a detection (any class) nested in a better-scoring one, or
+            holding one, goes when this share of the smaller box lies inside the other
+            (`box_ops.suppress_contained`; NMS keeps a small box inside a large one, whose IoU is
+            only their area ratio). None disables.
         rpn_only: build no second stage (`roi` and `cross_class_nms_thresh` are then unused):
             train the RPN alone and return its proposals as class-agnostic detections.
     """
@@ -60,6 +65,7 @@ class DetectorConfig:
     pixel_mean: float = 0.5
     pixel_std: float = 0.25
     cross_class_nms_thresh: float = 0.5
+    containment_thresh: float | None = None
     rpn_only: bool = False
 
 
@@ -84,7 +90,7 @@ class LesionDetector(nn.Module):
         roi_heads: torchvision `RoIHeads` (or compatible); None for an RPN-only detector, whose
             detections are its proposals (label 0, score = objectness probability).
         pixel_mean, pixel_std: input standardisation.
-        cross_class_nms_thresh: see `DetectorConfig`.
+        cross_class_nms_thresh, containment_thresh: see `DetectorConfig`.
         test_flips: in eval mode, also propose on these mirrored copies of the images and merge
             (`RPNConfig.test_flips`; the RoI heads then score the merged proposals on the
             original image's features).
@@ -99,6 +105,7 @@ class LesionDetector(nn.Module):
         pixel_std: float = 0.25,
         cross_class_nms_thresh: float = 0.5,
         test_flips: Sequence[str] = (),
+        containment_thresh: float | None = None,
     ) -> None:
         super().__init__()
         self.backbone = backbone
@@ -107,6 +114,7 @@ class LesionDetector(nn.Module):
         self.pixel_mean = pixel_mean
         self.pixel_std = pixel_std
         self.cross_class_nms_thresh = cross_class_nms_thresh
+        self.containment_thresh = containment_thresh
         self.test_flips = list(test_flips)
 
     @property
@@ -168,6 +176,9 @@ class LesionDetector(nn.Module):
         if self.cross_class_nms_thresh < 1.0 and len(boxes) > 1:
             keep = batched_nms(boxes, scores, torch.zeros_like(labels), self.cross_class_nms_thresh)
             boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+        if self.containment_thresh is not None and len(boxes) > 1:
+            keep = suppress_contained(boxes, scores, self.containment_thresh)
+            boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
         return {"boxes": boxes, "scores": scores, "labels": labels}
 
 
@@ -189,4 +200,5 @@ def build_detector(config: DetectorConfig) -> LesionDetector:
         pixel_std=config.pixel_std,
         cross_class_nms_thresh=config.cross_class_nms_thresh,
         test_flips=config.rpn.test_flips,
+        containment_thresh=config.containment_thresh,
     )

@@ -6,15 +6,24 @@ of RoIs for the loss, and per-class box decoding and NMS at inference; `MultiSca
 pools each proposal from the pyramid level that suits its size. The head is a small two-layer
 MLP: lesions are few per image, so a narrow head and fewer sampled RoIs than torchvision's
 512 per image cost little accuracy and much time.
+
+What a lesion is often shows around it more than inside its box (a pituitary tumour sits at the
+sella, a meningioma against the dura): with `context_scale`, each proposal is also pooled
+enlarged that many times about its centre, from the coarser level that suits the larger box, and
+the two grids go to the head side by side as channels.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+from torch import Tensor, nn
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.ops import MultiScaleRoIAlign
+
+from medrpn.errors import ConfigError
 
 
 @dataclass
@@ -31,6 +40,8 @@ class RoIConfig:
         score_thresh: detections with a lower class probability are dropped.
         nms_thresh: per-class NMS threshold for detections.
         detections_per_img: most detections kept per image.
+        context_scale: also pool each proposal enlarged this many times about its centre (e.g.
+            2.0), for the classifier to see around the lesion; None: the box alone.
     """
 
     output_size: int = 7
@@ -43,6 +54,32 @@ class RoIConfig:
     score_thresh: float = 0.01
     nms_thresh: float = 0.5
     detections_per_img: int = 100
+    context_scale: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.context_scale is not None and not self.context_scale > 1.0:
+            raise ConfigError(f"model.roi.context_scale must be above 1 (the enlarged box), or null; got {self.context_scale}")
+
+
+def enlarge_boxes(boxes: Tensor, scale: float) -> Tensor:
+    """xyxy boxes scaled `scale` times about their centres (not clipped: RoI Align reads zeros outside)."""
+    centre = (boxes[:, :2] + boxes[:, 2:]) / 2
+    half = (boxes[:, 2:] - boxes[:, :2]) * (scale / 2)
+    return torch.cat([centre - half, centre + half], dim=1)
+
+
+class ContextRoIAlign(nn.Module):
+    """`MultiScaleRoIAlign` of each proposal and of the proposal enlarged `scale` times, stacked as
+    channels: (N, 2C, S, S) for the box head."""
+
+    def __init__(self, pool: MultiScaleRoIAlign, scale: float) -> None:
+        super().__init__()
+        self.pool, self.scale = pool, scale
+
+    def forward(self, features: dict[str, Tensor], proposals: list[Tensor], image_shapes: list[tuple[int, int]]) -> Tensor:
+        inner = self.pool(features, proposals, image_shapes)
+        outer = self.pool(features, [enlarge_boxes(p, self.scale) for p in proposals], image_shapes)
+        return torch.cat([inner, outer], dim=1)
 
 
 def build_roi_heads(config: RoIConfig, feature_names: list[str], in_channels: int, num_classes: int) -> RoIHeads:
@@ -50,7 +87,10 @@ def build_roi_heads(config: RoIConfig, feature_names: list[str], in_channels: in
     pool = MultiScaleRoIAlign(
         featmap_names=feature_names, output_size=config.output_size, sampling_ratio=config.sampling_ratio
     )
-    head = TwoMLPHead(in_channels * config.output_size**2, config.representation_size)
+    channels = in_channels
+    if config.context_scale is not None:
+        pool, channels = ContextRoIAlign(pool, config.context_scale), 2 * in_channels
+    head = TwoMLPHead(channels * config.output_size**2, config.representation_size)
     predictor = FastRCNNPredictor(config.representation_size, num_classes + 1)
     return RoIHeads(
         pool,

@@ -28,7 +28,6 @@ from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead, con
 from medrpn.errors import ConfigError
 from medrpn.model.flip_proposals import FLIP_DIMS
 from medrpn.model.rpn_losses import (
-    HardNegativeRPNSampler,
     focal_losses,
     object_logit,
     quality_focal_losses,
@@ -122,6 +121,8 @@ class LesionRPN(RegionProposalNetwork):
         self.focal_alpha = config.focal_alpha
         self.focal_gamma = config.focal_gamma
         if config.sampler == "hard_negative":
+            from medrpn.model.hard_negative_sampler import HardNegativeRPNSampler  # MONAI: only when used
+
             self.fg_bg_sampler = HardNegativeRPNSampler(
                 config.batch_size_per_image, config.positive_fraction, config.hard_negative_pool
             )

@@ -5,7 +5,8 @@ Three ways, chosen by `RPNConfig.sampler`:
   per image, `positive_fraction` of them positive where possible, at random (Faster R-CNN).
 - hard_negative: positives drawn the same way; the negatives are drawn by MONAI's
   `HardNegativeSampler` (from nnDetection) among the `pool x needed` highest-scoring negatives, so the
-  loss looks at what the network currently confuses with a lesion. As many anchors as balanced.
+  loss looks at what the network currently confuses with a lesion. As many anchors as balanced
+  (`medrpn.model.hard_negative_sampler`).
 - focal: no sampling; every anchor that is not ignored counts, easy ones down-weighted by the focal
   loss (RetinaNet), both losses divided by the number of positive anchors.
 - quality_focal: as focal, but a positive anchor's objectness target is the IoU of its regressed box
@@ -21,11 +22,12 @@ a focal weight is needed, and the softmax focal loss is exactly the sigmoid one 
 from __future__ import annotations
 
 import torch
-from monai.apps.detection.utils.hard_negative_sampler import HardNegativeSampler
 from torch import Tensor
 from torch.nn import functional as F
 from torchvision.models.detection._utils import BoxCoder
-from torchvision.ops import box_iou, sigmoid_focal_loss
+from torchvision.ops import sigmoid_focal_loss
+
+from medrpn.model.box_ops import paired_box_iou
 
 BOX_BETA = 1 / 9  # torchvision's smooth-L1 beta for the RPN box loss
 
@@ -36,22 +38,6 @@ def object_logit(scores: Tensor) -> Tensor:
     if scores.shape[-1] == 2:
         return scores[..., 1] - scores[..., 0]
     return scores[..., 0]
-
-
-class HardNegativeRPNSampler(HardNegativeSampler):
-    """MONAI's hard-negative sampler, drawing as many negatives per image as the balanced sampler.
-
-    MONAI keeps negatives at a fixed ratio to the positives drawn (one negative for an image without
-    positives at a 0.5 fraction); here the sample is filled to `batch_size_per_image` as torchvision
-    does, so the two samplers differ only in *which* negatives they pick.
-    Called as `sampler(labels_per_image, object_probabilities_of_all_anchors)`.
-    """
-
-    def __init__(self, batch_size_per_image: int, positive_fraction: float, pool_size: float) -> None:
-        super().__init__(batch_size_per_image, positive_fraction, min_neg=1, pool_size=pool_size)
-
-    def get_num_neg(self, negative: Tensor, num_pos: int) -> int:
-        return min(negative.numel(), self.batch_size_per_image - num_pos)
 
 
 def sampled_losses(
@@ -115,7 +101,7 @@ def regressed_iou(deltas: Tensor, target_deltas: Tensor, box_coder: BoxCoder) ->
     unit = deltas.new_tensor([[-0.5, -0.5, 0.5, 0.5]]).expand(len(deltas), 4)
     predicted = box_coder.decode_single(deltas, unit)
     target = box_coder.decode_single(target_deltas, unit)
-    return box_iou(predicted, target).diagonal()
+    return paired_box_iou(predicted, target)
 
 
 def quality_focal_losses(

@@ -7,16 +7,17 @@ of its first pixel), ``x`` runs along columns (left to right) and ``y`` along ro
 This is also DICOM's convention for image coordinates in structured reports and presentation
 states, so the same numbers go into the SR and GSPS unchanged.
 
-Findings JSON, schema version ``FINDINGS_SCHEMA_VERSION`` ("2.1", which added
-``model.proposal_settings`` to 2.0), one ``findings.json`` per output folder (one per DICOM study;
-PNG/JPEG images are grouped by their folder)::
+Findings JSON, schema version ``FINDINGS_SCHEMA_VERSION`` ("2.2"), one ``findings.json`` per
+output folder (one per DICOM study; PNG/JPEG images are grouped by their folder)::
 
     {
-      "schema_version": "2.1",
+      "schema_version": "2.2",
       "study_instance_uid": "1.2.3..." | null,       # null for PNG/JPEG folders
+      "anonymized_paths": false,                     # true: no input path or checkpoint path below
       "model": {
         "name": "medrpn", "version": "0.1.0",
-        "checkpoint": "/abs/path/best.ckpt", "checkpoint_sha256": "...",
+        "checkpoint": "/abs/path/best.ckpt" | null,  # null with anonymized paths: see its sha256
+        "checkpoint_sha256": "...",
         "class_names": ["nodule", ...],
         "score_threshold": 0.42,                      # findings below it are not reported
         "threshold_source": "checkpoint operating point" | "command line" | "default",
@@ -28,14 +29,17 @@ PNG/JPEG images are grouped by their folder)::
       },
       "images": [                                     # in study/series/instance order
         {
-          "source": "sub/IM0001.dcm",                 # input file, relative to the input folder
+          "source": "sub/IM0001.dcm",                 # input file, relative to the input folder;
+                                                      # anonymized: its SOPInstanceUID (DICOM), else
+                                                      # 16 hex digits of the SHA-256 of that path
           "frame": null | 0,                          # 0-based frame (multi-frame DICOM) or
                                                       # slice (NIfTI); null for a single image
           "height": H, "width": W,                    # pixels of the ORIGINAL image
           "pixel_spacing_mm": [row, column] | null,   # PixelSpacing (else ImagerPixelSpacing)
           "study_instance_uid": .., "series_instance_uid": .., "sop_instance_uid": ..,
           "sop_class_uid": .., "modality": ..,        # null for PNG/JPEG
-          "overlay": "IM0001.png",                    # overlay PNG in the same folder
+          "overlay": "IM0001.png",                    # overlay PNG in the same folder (named
+                                                      # after "source"; long names shortened)
           "findings": [                               # sorted by score, highest first
             {
               "label": "nodule",                      # class name
@@ -57,9 +61,15 @@ Millimetres are ``x * column spacing`` and ``y * row spacing``. Scores are round
 coordinates to 2 in the file (well below a pixel or a tenth of a millimetre); the DICOM outputs use
 the same rounded coordinates. Patient identifiers (PatientName, PatientID, ...) are never written:
 only UIDs and Modality describe an image, so a findings file can leave the hospital without
-carrying who the patient is.
+carrying who the patient is. Input file and folder names and the checkpoint's path can still name
+a patient or a person; with ``anonymized_paths`` (``medrpn predict --anonymize-paths``) none is
+written: sources are SOP Instance UIDs or path pseudonyms (a hash: whoever has the input files can
+match them, and a guessed path can be checked against it, so it is not a secret), and the
+checkpoint is known by its SHA-256 only.
 
-Schema history: 1.0 was one file per image with the UIDs under ``image.meta``.
+Schema history: 1.0 was one file per image with the UIDs under ``image.meta``; 2.1 added
+``model.proposal_settings`` to 2.0; 2.2 added ``anonymized_paths`` (and ``model.checkpoint`` can
+be null).
 """
 
 from __future__ import annotations
@@ -75,7 +85,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-FINDINGS_SCHEMA_VERSION = "2.1"
+FINDINGS_SCHEMA_VERSION = "2.2"
 
 _SCORE_DECIMALS = 4
 _COORD_DECIMALS = 2
@@ -195,7 +205,7 @@ class ModelInfo:
     """Which model produced the findings, and at which operating threshold.
 
     Attributes:
-        checkpoint: path of the checkpoint file.
+        checkpoint: path of the checkpoint file; None to leave it out (it can name a person).
         checkpoint_sha256: hex SHA-256 of that file, so findings can be traced to exact weights.
         class_names: the model's classes, in label order.
         score_threshold: findings scoring below it are not reported.
@@ -209,7 +219,7 @@ class ModelInfo:
         name, version: the software.
     """
 
-    checkpoint: str
+    checkpoint: str | None
     checkpoint_sha256: str
     class_names: list[str]
     score_threshold: float
@@ -223,7 +233,7 @@ class ModelInfo:
         return {
             "name": self.name,
             "version": self.version,
-            "checkpoint": str(self.checkpoint),
+            "checkpoint": None if self.checkpoint is None else str(self.checkpoint),
             "checkpoint_sha256": self.checkpoint_sha256,
             "class_names": list(self.class_names),
             "score_threshold": float(self.score_threshold),
@@ -242,7 +252,7 @@ class ImageFindings:
     """One analysed image (or frame) and its findings, as written in the findings JSON.
 
     Attributes:
-        source: the input file, relative to the input folder.
+        source: the input file, relative to the input folder (or its pseudonym, `medrpn.inference.scan.scan_inputs`).
         height, width: size of the original image in pixels.
         spacing: pixel spacing ``(row, column)`` mm, or None.
         findings: from :func:`make_findings`, highest score first.
@@ -308,6 +318,7 @@ def write_findings_json(
     gsps: Sequence[str] = (),
     notes: Sequence[str] = (),
     skipped: Sequence[tuple[str, str]] = (),
+    anonymized_paths: bool = False,
 ) -> Path:
     """Write one study's (or folder's) findings file (schema in this module's docstring), atomically.
 
@@ -323,6 +334,7 @@ def write_findings_json(
         gsps: file names of the presentation states written beside it.
         notes: what a reader should know about the DICOM outputs (e.g. why there is no GSPS).
         skipped: ``(source, reason)`` of the files of this study that could not be analysed.
+        anonymized_paths: whether sources are pseudonyms and the checkpoint path is left out.
 
     Returns:
         The path written.
@@ -333,6 +345,7 @@ def write_findings_json(
     document = {
         "schema_version": FINDINGS_SCHEMA_VERSION,
         "study_instance_uid": study_instance_uid,
+        "anonymized_paths": bool(anonymized_paths),
         "model": model.to_dict(),
         "images": [image.to_dict() for image in images],
         "dicom": {"sr": sr, "gsps": list(gsps), "notes": list(notes)},

@@ -22,12 +22,13 @@ Schema version ``PROPOSALS_SCHEMA_VERSION`` ("1.1", which added ``model.proposal
       "study_instance_uid": "1.2.3..." | null,       # null for PNG/JPEG/NIfTI folders
       "model": {
         "name": "medrpn", "version": "0.1.0",
-        "checkpoint": "/abs/path/best.ckpt", "checkpoint_sha256": "...",
+        "checkpoint": "/abs/path/best.ckpt" | null,  # null with --anonymize-paths, as in findings.json
+        "checkpoint_sha256": "...",
         "proposal_settings": {..} | null              # as in findings.json: how many, which NMS
       },
       "images": [                                     # in the order of findings.json
         {
-          "source": "sub/IM0001.dcm",                 # input file, relative to the input folder
+          "source": "sub/IM0001.dcm",                 # as in findings.json (a pseudonym there, here too)
           "frame": null | 0,                          # 0-based frame (multi-frame DICOM) / NIfTI slice
           "height": H, "width": W,                    # pixels of the ORIGINAL image
           "pixel_spacing_mm": [row, column] | null,
@@ -75,7 +76,7 @@ class ImageProposals:
     """One image's proposals, in its original pixels (and millimetres when spacing is known).
 
     Attributes:
-        image: the image as `medrpn.predict` describes it in findings.json (source, frame, size,
+        image: the image as `medrpn.inference.predict` describes it in findings.json (source, frame, size,
             spacing, UIDs); only that description is used, not its findings.
         scale: network-input pixels per original pixel.
         input_size: side of the square network input, in pixels.

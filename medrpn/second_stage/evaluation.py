@@ -58,18 +58,20 @@ def measure_second_stage(
 
 
 def comparison_table(alone: EvaluationReport, with_stage: EvaluationReport) -> str:
-    """FROC sensitivity at 1/8 .. 8 FP per image and CPM, detector alone above with the second
-    stage, class-agnostic and per class (of the second stage; "n/a" where the detector alone has
+    """FROC sensitivity at 1/8 .. 8 FP per image and CPM (and, class-agnostic, the CPM at IoU >= 0.5),
+    detector alone above with the second stage, class-agnostic and per class (of the second stage; "n/a" where the detector alone has
     no such class)."""
     def fmt(value: float) -> str:
         return "n/a" if not math.isfinite(value) else f"{value:.3f}"
 
-    lines = [f"{'FROC sensitivity':<34}" + "".join(f"{r:>8g}" for r in FP_RATES) + f"{'CPM':>8}"]
+    lines = [f"{'FROC sensitivity':<34}" + "".join(f"{r:>8g}" for r in FP_RATES) + f"{'CPM':>8}{'IoU0.5':>8}"]
     names = ["all"] + (with_stage.class_names if len(with_stage.class_names) > 1 else [])
     for name in names:
         prefix = "" if name == "all" else f"{metric_safe(name)}/"
         for title, report in ((f"{name}: detector alone", alone), (f"{name}: + second stage", with_stage)):
             s = report.scalars
             row = [s.get(f"{prefix}{froc_key(r)}", math.nan) for r in FP_RATES] + [s.get(f"{prefix}cpm", math.nan)]
+            if name == "all":  # the class-agnostic CPM at IoU >= 0.5, comparable across projects
+                row.append(s.get("cpm_iou50", math.nan))
             lines.append(f"{title:<34}" + "".join(f"{fmt(v):>8}" for v in row))
     return "\n".join(lines)

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.ops import nms
 
-from medrpn.checkpoint_file import read_checkpoint
+from medrpn.training.checkpoint_file import read_checkpoint
 from medrpn.errors import ConfigError, MedrpnError
 from medrpn.model.detector import DetectorOutput
 from medrpn.second_stage.candidates import CANDIDATE_SOURCES, CandidateSource, select_candidates

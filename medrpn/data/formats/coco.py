@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
@@ -82,12 +81,13 @@ def _require_keys(path: Path, items: list[Any], what: str, keys: tuple[str, ...]
 
 
 def _coco_box(bbox: Any, path: Path, where: str, problems: Problems, image: str) -> list[float] | None:
-    """COCO ``[x, y, w, h]`` -> ``[x1, y1, x2, y2]``; a malformed or empty bbox is a problem."""
+    """COCO ``[x, y, w, h]`` -> ``[x1, y1, x2, y2]``; a malformed or empty bbox is a problem (nan and inf
+    are left to `check_box`, like every reader's)."""
     if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
         problems.add("bad_row", DataError(path, f"{where}: bbox must be [x, y, width, height], got {bbox!r}"), image)
         return None
-    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in bbox):
-        problems.add("bad_row", DataError(path, f"{where}: bbox values must be finite numbers, got {bbox!r}"), image)
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in bbox):
+        problems.add("bad_row", DataError(path, f"{where}: bbox values must be numbers, got {bbox!r}"), image)
         return None
     x, y, w, h = (float(v) for v in bbox)
     if w <= 0 or h <= 0:

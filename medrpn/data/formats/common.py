@@ -27,6 +27,7 @@ Annotations = tuple[list[Record], list[str]]
 
 # A box may cross the image border by this many pixels (rounding in the annotation tool) and is clipped.
 BORDER_TOLERANCE = 1.0
+COORDINATES = ("x1", "y1", "x2", "y2")
 
 
 def resolve(base: Path, image: str) -> Path:
@@ -90,23 +91,32 @@ def read_csv_rows(path: Path, required: Sequence[str], expected: str) -> tuple[l
 
 
 def number(value: str, column: str, path: Path, line: int) -> float:
-    """A finite float from a CSV field, else a `DataError` naming the column and row."""
+    """A float from a CSV field, else a `DataError` naming the column and row ("nan" and "inf" are
+    numbers here: `check_box` refuses them, as it does for every format)."""
     try:
-        out = float(value)
+        return float(value)
     except ValueError:
         raise DataError(path, f"{column} is not a number: {value!r}", row=line) from None
-    if not math.isfinite(out):
-        raise DataError(path, f"{column} is not a finite number: {value!r}", row=line)
-    return out
 
 
 def check_box(
     box: Sequence[float], path: Path, row: int | None, problems: Problems, image: str, size: tuple[float, float] | None = None
 ) -> list[float] | None:
-    """Check an xyxy box; return it (clipped to `size` (H, W) within the tolerance) or None after recording why it is bad."""
+    """Check an xyxy box; return it (clipped to `size` (H, W) within the tolerance) or None after recording why it is bad.
+
+    Every reader passes its boxes through here, so this is the one place that refuses a coordinate
+    that is not a finite number (nan, inf): it would pass every comparison below, and the
+    augmentation would later drop the box without a word, training a lesion as background.
+    """
     x1, y1, x2, y2 = (float(v) for v in box)
     shown = "[" + ", ".join(f"{v:g}" for v in (x1, y1, x2, y2)) + "]"
-    negative = [n for n, v in zip(("x1", "y1", "x2", "y2"), (x1, y1, x2, y2)) if v < -BORDER_TOLERANCE]
+    not_finite = [n for n, v in zip(COORDINATES, (x1, y1, x2, y2)) if not math.isfinite(v)]
+    if not_finite:
+        verb = "is" if len(not_finite) == 1 else "are"
+        reason = f"{', '.join(not_finite)} {verb} not a finite number in box {shown} (xyxy pixels)"
+        problems.add("not_finite", DataError(path, reason, row), image)
+        return None
+    negative = [n for n, v in zip(COORDINATES, (x1, y1, x2, y2)) if v < -BORDER_TOLERANCE]
     if negative:
         problems.add("negative", DataError(path, f"{negative[0]} is negative in box {shown} (xyxy pixels)", row), image)
         return None

@@ -86,8 +86,8 @@ def _box(
     if values.size == 6:
         problems.add("bad_row", DataError(path, f"{where}: a 3D box {box!r}; medrpn reads 2D datalists (4 values per box)"), key)
         return None
-    if values.size != 4 or not np.all(np.isfinite(values)):
-        problems.add("bad_row", DataError(path, f"{where}: a box must be 4 finite numbers ({box_mode}), got {box!r}"), key)
+    if values.size != 4:
+        problems.add("bad_row", DataError(path, f"{where}: a box must be 4 numbers ({box_mode}), got {box!r}"), key)
         return None
     if isinstance(label, bool) or not isinstance(label, (int, float)) or int(label) != label or not 0 <= label < n_classes:
         problems.add("unknown_class", DataError(path, f"{where}: unknown label {label!r}; there are {n_classes} classes"), key)

@@ -1,12 +1,13 @@
 """`medrpn evaluate`: every figure of a checkpoint on the validation or test split, printed and recorded.
 
-    medrpn evaluate --ckpt demo/checkpoints/best.ckpt --config configs/demo.yaml [--split val|test]
-                    [--second-stage crops.ckpt]
+    medrpn evaluate --ckpt demo/checkpoints/best.ckpt [--config configs/demo.yaml] [--data.* ...]
+                    [--split val|test] [--second-stage crops.ckpt]
 
-The checkpoint says what the model is (and its operating point); the config's `data:` section
-says where the data are (settings it leaves out come from the checkpoint's data settings), and
-its `model:` section may change how to measure (`froc_hit_rule`, `froc_iou_threshold`,
-`bootstrap_samples`). The split is the one `medrpn fit` held out with the same settings.
+The checkpoint says what the model is (and its operating point) and the data settings it was
+trained with; config files and overrides, read as `medrpn fit` reads them (`medrpn.commands.config_parser`),
+change what they give, and every data setting that then differs from the trained one is
+printed. So the split is the one `medrpn fit` held out, unless told otherwise. The `model:`
+settings may change how to measure (`froc_hit_rule`, `froc_iou_threshold`, `bootstrap_samples`).
 
 Figures: FROC at 1/8 .. 8 FP per image and CPM with bootstrap intervals over patients, per class;
 mAP at IoU 0.1, 0.5, 0.5:0.95; RPN proposal recall by number of proposals and lesion size; and
@@ -22,26 +23,24 @@ as ``eval/<split>/second_stage/...``.
 from __future__ import annotations
 
 import argparse
-import inspect
 import logging
 import sys
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, Optional
 
 import torch
-import yaml
 
-from medrpn.checkpoint_file import read_checkpoint
+from medrpn.training.checkpoint_file import read_checkpoint
 from medrpn.errors import ConfigError, MedrpnError
 from medrpn.metrics.report import EvaluationReport
 
 if TYPE_CHECKING:
     from medrpn.data.datamodule import LesionDataModule
     from medrpn.second_stage.rescoring import SecondStage
-    from medrpn.training import LesionDetectionModule
+    from medrpn.training.lightning_module import LesionDetectionModule
 
 # settings of the LightningModule that change how, not what, is measured
 METRIC_SETTINGS = ("froc_hit_rule", "froc_iou_threshold", "bootstrap_samples")
@@ -71,71 +70,81 @@ class Evaluation:
     second_stage: SecondStageEvaluation | None = None
 
 
-def _read_config(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
-    try:
-        config = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: not valid YAML ({error})") from None
-    if not isinstance(config, dict):
-        raise ConfigError(f"{path}: expected a mapping of settings at the top level")
-    return config
+def checkpoint_command_parser(prog: str, description: str):
+    """The parser of a command run on a checkpoint (`evaluate`, `fit-crops`): `medrpn fit`'s
+    settings (`medrpn.commands.config_parser`) and `--ckpt`; the command adds its own arguments."""
+    from medrpn.commands.config_parser import training_config_parser
+
+    parser = training_config_parser(prog, description)
+    parser.add_argument("--ckpt", required=True, type=Path, help="checkpoint written by `medrpn fit`")
+    return parser
 
 
-def _section(config: dict[str, Any], name: str) -> dict[str, Any]:
-    section = config.get(name) or {}
-    if isinstance(section, dict) and "init_args" in section:  # class_path / init_args form
-        section = section["init_args"] or {}
-    return dict(section) if isinstance(section, dict) else {}
+def parse_on_checkpoint(parser, argv: list[str]) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+    """Parses `argv` with the checkpoint's data settings (and its metric settings) as the defaults.
+
+    Returns:
+        the parsed arguments, the data settings and the metric settings (`METRIC_SETTINGS`);
+        every data or metric setting that differs from the checkpoint's is printed.
+    """
+    from medrpn.commands.config_parser import parse_training_config, set_defaults_from
+
+    ckpt = _ckpt_argument(argv)
+    if ckpt is not None:
+        saved = read_checkpoint(ckpt, mmap=True)
+        stored = saved.get("datamodule_hyper_parameters") or {}
+        set_defaults_from(parser, "data", {k: v for k, v in stored.items() if not k.startswith("_")})
+        hparams = saved.get("hyper_parameters") or {}
+        set_defaults_from(parser, "model", {k: hparams[k] for k in METRIC_SETTINGS if k in hparams})
+    trained = parser.get_defaults()
+    args, config = parse_training_config(parser, argv)
+    metrics = {k: config["model"][k] for k in METRIC_SETTINGS}
+    if ckpt is not None:
+        notes = [f"data.{k}: {v!r} as given (the checkpoint was trained with {trained.data.as_dict().get(k)!r})"
+                 for k, v in config["data"].items() if v != trained.data.as_dict().get(k)]
+        notes += [f"model.{k}: {v!r} as given (the checkpoint's: {trained.model.get(k)!r})"
+                  for k, v in metrics.items() if v != trained.model.get(k)]
+        if notes:
+            print(f"medrpn: settings with {ckpt}:\n  " + "\n  ".join(notes), flush=True)
+    return args, config["data"], metrics
 
 
-def _load_module(ckpt: Path, overrides: dict[str, Any]):
-    from medrpn.training import LesionDetectionModule
-
-    if not ckpt.is_file():
+def _ckpt_argument(argv: list[str]) -> Path | None:
+    """The `--ckpt` of `argv` (None when absent: the parser then says it is required); a clear error
+    when it names no file, before the other settings are checked against a checkpoint that is not there."""
+    found = argparse.ArgumentParser(add_help=False)
+    found.add_argument("--ckpt", type=Path)
+    ckpt = found.parse_known_args(argv)[0].ckpt
+    if ckpt is not None and not ckpt.is_file():
         raise MedrpnError(f"{ckpt}: checkpoint not found")
-    try:
-        return LesionDetectionModule.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True, **overrides).eval()
-    except (MedrpnError, ValueError) as error:
-        raise MedrpnError(f"{ckpt}: {error}") from None
-    except Exception as error:  # unpickling refused, a damaged file, not a medrpn checkpoint
-        raise MedrpnError(f"{ckpt}: not a loadable medrpn checkpoint ({error.__class__.__name__}: {error})") from None
+    return ckpt
 
 
-def _datamodule(config: dict[str, Any], stored: dict[str, Any]):
+def load_checkpoint_and_data(
+    ckpt: str | Path, data: dict[str, Any], metric_settings: dict[str, Any] | None = None
+) -> tuple[LesionDetectionModule, LesionDataModule]:
+    """The checkpoint's `LesionDetectionModule` (eval, CPU; `metric_settings` applied) and the
+    `LesionDataModule` of the `data` settings (`parse_on_checkpoint`'s), set up."""
     from medrpn.data.datamodule import LesionDataModule
+    from medrpn.training.lightning_module import module_from_checkpoint
 
-    accepted = inspect.signature(LesionDataModule).parameters
-    settings = {k: v for k, v in {**stored, **_section(config, "data")}.items() if k in accepted}
-    if "annotations" not in settings:
-        raise ConfigError("data.annotations: not set in the config nor stored in the checkpoint")
-    return LesionDataModule(**settings)
-
-
-def load_checkpoint_and_data(ckpt: str | Path, config: str | Path) -> tuple[LesionDetectionModule, LesionDataModule]:
-    """The checkpoint's `LesionDetectionModule` (eval, CPU; the config's metric settings applied)
-    and the config's `LesionDataModule` (settings it leaves out come from the checkpoint), set up."""
-    ckpt, config_path = Path(ckpt), Path(config)
-    config = _read_config(config_path)
-    model_settings = _section(config, "model")
-    module = _load_module(ckpt, {k: model_settings[k] for k in METRIC_SETTINGS if k in model_settings})
-    stored = read_checkpoint(ckpt, mmap=True).get("datamodule_hyper_parameters") or {}
-    datamodule = _datamodule(config, {k: v for k, v in stored.items() if not k.startswith("_")})
+    module = module_from_checkpoint(ckpt, dict(metric_settings or {}))
+    datamodule = LesionDataModule(**data)
     datamodule.setup("test")
     return module, datamodule
 
 
 def evaluate_checkpoint(
     ckpt: str | Path,
-    config: str | Path,
+    data: dict[str, Any],
+    metric_settings: dict[str, Any] | None = None,
     split: str = "test",
     tracking_uri: str | None = None,
     second_stage: str | Path | None = None,
 ) -> Evaluation:
     """Runs ``ckpt`` over ``split`` and computes every figure (recording is `record_evaluation`);
     with ``second_stage`` (a `medrpn fit-crops` checkpoint) also the detector followed by it."""
-    from medrpn import runs
+    from medrpn.training import runs
 
     if split not in ("val", "test"):
         raise ConfigError(f"--split: expected val or test, got {split!r}")
@@ -145,7 +154,7 @@ def evaluate_checkpoint(
         from medrpn.second_stage.rescoring import load_second_stage
 
         stage = load_second_stage(second_stage)
-    module, datamodule = load_checkpoint_and_data(ckpt, config)
+    module, datamodule = load_checkpoint_and_data(ckpt, data, metric_settings)
     if not datamodule.splits[split]:
         raise ConfigError(f"data: the {split} split is empty (see data.val_fraction / data.test_fraction)")
     loader = datamodule.val_dataloader() if split == "val" else datamodule.test_dataloader()
@@ -197,15 +206,12 @@ def record_evaluation(evaluation: Evaluation) -> tuple[str, bool]:
     """Logs the figures (metrics ``eval/<split>/...``) and files (``evaluation/<split>/``) to the
     checkpoint's run, or to a new run of experiment ``medrpn-evaluate``; returns (run id, new?)."""
     from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
 
-    from medrpn import runs
+    from medrpn.training import runs
 
     uri, ckpt, split = evaluation.tracking_uri, evaluation.ckpt, evaluation.split
-    if uri.startswith("sqlite:///"):
-        Path(uri[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
     try:
-        client = MlflowClient(tracking_uri=uri)
+        client = runs.client_for(uri, create=True)
         run_id = runs.checkpoint_run(client, ckpt, evaluation.stored_run)
         new = run_id is None
         if new:
@@ -218,30 +224,33 @@ def record_evaluation(evaluation: Evaluation) -> tuple[str, bool]:
         if new:
             client.set_terminated(run_id)
     except MlflowException as error:
-        raise MedrpnError(f"{uri}: could not record the evaluation in MLflow ({str(error)[:300]})") from None
+        raise MedrpnError(
+            f"{runs.redact_uri(uri)}: could not record the evaluation in MLflow ({runs.redact_uri(str(error))[:300]})"
+        ) from None
     return run_id, new
 
 
 def main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(
-        prog="medrpn evaluate",
-        description="FROC/CPM with bootstrap intervals, mAP, RPN proposal recall and the operating point of a "
-        "checkpoint on a held-out split; printed, and recorded in the checkpoint's MLflow run.",
+    parser = checkpoint_command_parser(
+        "medrpn evaluate",
+        "FROC/CPM with bootstrap intervals, mAP, RPN proposal recall and the operating point of a checkpoint "
+        "on a held-out split; printed, and recorded in the checkpoint's MLflow run. The data settings are the "
+        "checkpoint's unless a --config or --data.* override changes them (as `medrpn fit` takes them).",
     )
-    parser.add_argument("--ckpt", required=True, type=Path, help="checkpoint written by `medrpn fit`")
-    parser.add_argument("--config", required=True, type=Path, help="the training config (its data: section is used)")
-    parser.add_argument("--split", choices=("val", "test"), default="test", help="held-out split to evaluate (default: test)")
+    parser.add_argument("--split", type=Literal["val", "test"], default="test", help="held-out split to evaluate (default: test)")
     parser.add_argument(
-        "--tracking-uri", default=None,
+        "--tracking-uri", type=Optional[str], default=None,
         help="MLflow store (default: the one the checkpoint's run lives in, else sqlite:///mlruns.db)",
     )
     parser.add_argument(
-        "--second-stage", type=Path, default=None, metavar="CKPT",
+        "--second-stage", type=Optional[Path], default=None,
         help="a crop classifier from `medrpn fit-crops`: also print FROC/CPM with it, beside the detector's alone",
     )
-    args = parser.parse_args(argv)
+    args, data, metric_settings = parse_on_checkpoint(parser, argv)
+    from medrpn.training import runs
+
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-    result = evaluate_checkpoint(args.ckpt, args.config, args.split, args.tracking_uri, args.second_stage)
+    result = evaluate_checkpoint(args.ckpt, data, metric_settings, args.split, args.tracking_uri, args.second_stage)
     report = result.report
     print(f"medrpn evaluate: {args.ckpt} on the {args.split} split\n")
     print(report.to_table())
@@ -266,7 +275,7 @@ def main(argv: list[str]) -> None:
     run_id, new = record_evaluation(result)
     where = "a new run" if new else "the checkpoint's run"
     print(
-        f"\nRecorded in {where} {run_id} of {result.tracking_uri}: metrics eval/{args.split}/..., "
+        f"\nRecorded in {where} {run_id} of {runs.redact_uri(result.tracking_uri)}: metrics eval/{args.split}/..., "
         f"artifacts evaluation/{args.split}/ (metrics.txt, report.json, froc.png, precision_recall.png, proposal_recall.png)"
         + (f"; with the second stage: metrics eval/{args.split}/second_stage/..." if result.second_stage else ""),
         flush=True,

@@ -10,6 +10,7 @@ the folder they are in. Nothing here knows the model.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from dataclasses import dataclass, field
@@ -20,12 +21,16 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
-from medrpn.data import nifti
+from medrpn.data import dicom, nifti
+from medrpn.data.io import RASTER_SUFFIXES
+from medrpn.data.limits import DEFAULT_MAX_DECODED_BYTES
 from medrpn.errors import DataError, MedrpnError
 from medrpn.outputs.references import reference_header
 
 DICOM_SUFFIXES = {".dcm", ".dicom", ""}
-RASTER_SUFFIXES = {".png", ".jpg", ".jpeg"}
+# Output names are kept well under the usual 255-byte limit of a file name: writers add a temporary
+# prefix and suffix, and later folder suffixes ("-2") must still fit.
+MAX_NAME_BYTES = 120
 
 
 @dataclass
@@ -90,8 +95,10 @@ def _list_files(root: Path, exclude: Path | None) -> list[Path]:
     return files
 
 
-def _read_header(path: Path) -> Dataset:
-    """The DICOM header without pixel data, or a `DataError` saying why it cannot be read."""
+def _read_header(path: Path, max_decoded_bytes: int) -> Dataset:
+    """The DICOM header without pixel data, or a `DataError` saying why it cannot be read (a deflated
+    file that would inflate to more than `max_decoded_bytes` included)."""
+    dicom.check_inflated_size(path, max_decoded_bytes)
     try:
         return pydicom.dcmread(path, stop_before_pixels=True)
     except InvalidDicomError as error:
@@ -123,9 +130,9 @@ def _not_an_image(ds: Dataset) -> str | None:
 
 def _overlay_name(source: str, frame: int | None, taken: set[str]) -> str:
     stem = re.sub(r"(\.nii)?(\.gz)?$", "", Path(source).name, flags=re.IGNORECASE)
-    stem = Path(stem).stem if Path(stem).suffix.lower() in RASTER_SUFFIXES | {".dcm", ".dicom"} else stem
+    stem = Path(stem).stem if Path(stem).suffix.lower() in {*RASTER_SUFFIXES, ".dcm", ".dicom"} else stem
     stem = re.sub(r"[^\w.\-]", "_", stem) or "image"
-    base = stem if frame is None else f"{stem}_{frame}"
+    base = _short_name(stem if frame is None else f"{stem}_{frame}", f"{source}|{frame}")
     name, n = f"{base}.png", 1
     while name.lower() in taken:
         n += 1
@@ -134,22 +141,48 @@ def _overlay_name(source: str, frame: int | None, taken: set[str]) -> str:
     return name
 
 
+def _short_name(name: str, key: str) -> str:
+    """``name`` if it fits in `MAX_NAME_BYTES` (UTF-8), else a readable prefix of it and a short hash
+    of ``key`` (the full path it comes from), so that long names stay distinct."""
+    if len(name.encode("utf-8")) <= MAX_NAME_BYTES:
+        return name
+    prefix = name.encode("utf-8")[: MAX_NAME_BYTES - 17].decode("utf-8", errors="ignore")
+    return f"{prefix}-{_pseudonym(key)}"
+
+
+def _pseudonym(text: str) -> str:
+    """16 hex digits of the SHA-256 of ``text``: the same path always gets the same name."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
 def _safe_folder_name(uid: str) -> str:
     """A study's folder name: its UID, made safe (a damaged UID must not name ``..`` or a hidden folder)."""
     name = re.sub(r"[^0-9A-Za-z._-]", "_", uid.strip()).lstrip(".")
-    return name if re.search(r"[0-9A-Za-z]", name) else "study"
+    return _short_name(name, uid) if re.search(r"[0-9A-Za-z]", name) else "study"
 
 
-def scan_inputs(inputs: str | Path, exclude: str | Path | None = None, axis: str = "axial") -> Scan:
+def scan_inputs(
+    inputs: str | Path,
+    exclude: str | Path | None = None,
+    axis: str = "axial",
+    max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES,
+    anonymize_paths: bool = False,
+) -> Scan:
     """Find the images under ``inputs`` and group them into output folders (see the module docstring).
 
     Args:
         inputs: an image file or a folder (searched recursively; hidden files are left out).
         exclude: a folder below ``inputs`` not to search (the output folder, when it is inside).
         axis: the plane NIfTI volumes are sliced in.
+        max_decoded_bytes: files whose header declares more decoded pixel data are skipped
+            (`medrpn.data.limits`), before a frame or slice of them becomes an image to analyse.
+        anonymize_paths: name images by their SOP Instance UID (DICOM) or a `_pseudonym` of their
+            path, and folders of other images by a pseudonym, instead of by the input's names
+            (which can carry patient names); sources, overlays and folders are then named so.
 
     Returns:
-        A `Scan`; group folders are relative to the output folder.
+        A `Scan`; group folders are relative to the output folder. Two groups can ask for the same
+        folder (a study and an input folder named alike): the caller makes them unique.
     """
     inputs = Path(inputs)
     if inputs.is_file():
@@ -162,15 +195,22 @@ def scan_inputs(inputs: str | Path, exclude: str | Path | None = None, axis: str
     studies: dict[str, InputGroup] = {}
     folders: dict[Path, InputGroup] = {}
     skipped, notes, ignored = [], [], 0
+
+    def folder_group(relative: str) -> InputGroup:
+        parent = Path(relative).parent
+        name = Path(_pseudonym(parent.as_posix())) if anonymize_paths and parent != Path(".") else parent
+        return folders.setdefault(parent, InputGroup(name, None))
+
     for path in files:
         kind = _kind(path)
-        source = path.relative_to(root).as_posix()
         if kind is None:
             ignored += 1
             continue
+        relative = path.relative_to(root).as_posix()
+        source = _pseudonym(relative) if anonymize_paths else relative
         if kind == "dicom":
             try:
-                ds = _read_header(path)
+                ds = _read_header(path, max_decoded_bytes)
             except DataError as error:
                 skipped.append((str(path), error.reason))
                 continue
@@ -181,33 +221,34 @@ def scan_inputs(inputs: str | Path, exclude: str | Path | None = None, axis: str
             if "Rows" not in ds:
                 skipped.append((str(path), "no image attributes in this DICOM file: it looks truncated or corrupt"))
                 continue
+            try:
+                dicom.check_declared_size(ds, path, max_decoded_bytes)
+            except DataError as error:
+                skipped.append((str(path), error.reason))
+                continue
+            if anonymize_paths and str(ds.get("SOPInstanceUID") or "").strip():
+                source = str(ds.SOPInstanceUID).strip()
             frames = [None] if "NumberOfFrames" not in ds else list(range(int(ds.NumberOfFrames or 1)))
             header = reference_header(ds)
             series = (_int(ds.get("SeriesNumber")), str(ds.get("SeriesInstanceUID", "")))
-            order = (*series, _int(ds.get("InstanceNumber")), source)
+            order = (*series, _int(ds.get("InstanceNumber")), relative)
             study = str(ds.get("StudyInstanceUID") or "").strip()
             if study:
-                if study not in studies:
-                    name, n = _safe_folder_name(study), 1
-                    while Path(name) in {g.folder for g in studies.values()}:  # damaged UIDs made alike
-                        n += 1
-                        name = f"{_safe_folder_name(study)}-{n}"
-                    studies[study] = InputGroup(Path(name), study)
-                group = studies[study]
+                group = studies.setdefault(study, InputGroup(Path(_safe_folder_name(study)), study))
             else:  # cannot be referenced in DICOM outputs: handled like other images of its folder
-                group = folders.setdefault(Path(source).parent, InputGroup(Path(source).parent, None))
+                group = folder_group(relative)
             group.items += [InputItem(path, source, frame, header, order=order + (frame or 0,)) for frame in frames]
         else:
             if kind == "nifti":
                 try:
-                    frames = list(range(nifti.count_slices(path, axis)))
+                    frames = list(range(nifti.count_slices(path, axis, max_decoded_bytes)))
                 except DataError as error:
                     skipped.append((str(path), error.reason))
                     continue
             else:
                 frames = [None]
-            group = folders.setdefault(Path(source).parent, InputGroup(Path(source).parent, None))
-            group.items += [InputItem(path, source, frame, order=(0, "", 0, source, frame or 0)) for frame in frames]
+            group = folder_group(relative)
+            group.items += [InputItem(path, source, frame, order=(0, "", 0, relative, frame or 0)) for frame in frames]
 
     groups = list(folders.values()) + list(studies.values())
     for group in groups:
@@ -215,7 +256,7 @@ def scan_inputs(inputs: str | Path, exclude: str | Path | None = None, axis: str
         taken: set[str] = set()
         for item in group.items:
             item.overlay = _overlay_name(item.source, item.frame, taken)
-    groups.sort(key=lambda g: g.items[0].source)
+    groups.sort(key=lambda g: g.items[0].order[3])
     return Scan(groups, skipped, notes, ignored)
 
 

@@ -18,6 +18,7 @@ and is evaluated on its proposals as class-agnostic detections of one class, `RP
 
 from __future__ import annotations
 
+import logging
 import math
 import tempfile
 import warnings
@@ -30,8 +31,9 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
-from medrpn.errors import ConfigError
-from medrpn.init_weights import load_matching_weights
+from medrpn.errors import ConfigError, MedrpnError
+from medrpn.training.checkpoint_file import read_checkpoint
+from medrpn.training.init_weights import load_matching_weights
 from medrpn.metrics import DetectionMetrics, EvaluationReport
 from medrpn.metrics.froc import HitRule, check_hit_rule
 from medrpn.model import (
@@ -43,7 +45,9 @@ from medrpn.model import (
     RPNConfig,
     build_detector,
 )
-from medrpn.tracking import logger_tracking_uri, mlflow_logger
+from medrpn.training.tracking import logger_tracking_uri, mlflow_logger
+
+log = logging.getLogger(__name__)
 
 AUTO = "auto"  # model.anchors value: planned from the data by the command
 
@@ -56,7 +60,7 @@ warnings.filterwarnings("ignore", message=r".*when logging on epoch level in dis
 _MODEL_SHAPE_KEYS = ("class_names", "backbone", "anchors", "rpn", "roi", "pixel_mean", "pixel_std", "rpn_only")
 _SHAPE_FIELDS = {
     "rpn": ("objectness", "conv_depth"),
-    "roi": ("output_size", "sampling_ratio", "representation_size"),
+    "roi": ("output_size", "sampling_ratio", "representation_size", "context_scale"),
 }
 # Settings only training reads (anchor matching, sampling, losses, optimiser): nothing to say about
 # them when a checkpoint is only evaluated.
@@ -176,17 +180,20 @@ class LesionDetectionModule(L.LightningModule):
         anchors_per_position: the planner's budget of anchors per feature-map position (auto only).
         pixel_mean / pixel_std: input standardisation, applied by the detector.
         cross_class_nms_thresh: one box per lesion across classes (see `DetectorConfig`).
+        containment_thresh: drop a detection nested in a better one (or holding one) when this
+            share of the smaller box lies inside the other; None: off (see `DetectorConfig`).
         rpn_only: no second stage: train the RPN alone and report its proposals as detections of
             the one class `RPN_ONLY_CLASS` (then `class_names` is that, and `roi` is unused).
         optim: optimiser and learning-rate schedule.
-        froc_hit_rule: when a detection hits a lesion in FROC: "iou" (IoU >= froc_iou_threshold,
-            DeepLesion) or "center" (centre within the lesion's radius, LUNA16).
+        froc_hit_rule: when a detection hits a lesion in FROC: "iou" (IoU >= froc_iou_threshold)
+            or "center" (centre within the lesion's radius, LUNA16's rule). The CPM at IoU >= 0.5
+            is reported beside it in every case.
         froc_iou_threshold: IoU at which a detection hits a lesion ("iou" rule).
         operating_fp_per_image: false positives per image the operating point is picked for.
         bootstrap_samples: patient resamples for the confidence intervals of the final evaluation.
         init_weights: a checkpoint of `medrpn fit` to start training from (fine-tuning, e.g. at a
             larger input): its tensors that match this model by name and shape are loaded when
-            a fit starts, the others are listed (`medrpn.init_weights`). A resumed fit
+            a fit starts, the others are listed (`medrpn.training.init_weights`). A resumed fit
             (`--ckpt_path`) goes on from its own checkpoint's weights instead.
     """
 
@@ -201,6 +208,7 @@ class LesionDetectionModule(L.LightningModule):
         pixel_mean: float = 0.5,
         pixel_std: float = 0.25,
         cross_class_nms_thresh: float = 0.5,
+        containment_thresh: float | None = None,
         rpn_only: bool = False,
         optim: OptimConfig = OptimConfig(),
         froc_hit_rule: HitRule = "iou",
@@ -213,7 +221,7 @@ class LesionDetectionModule(L.LightningModule):
         if anchors == AUTO:
             raise ConfigError(
                 "anchors: 'auto' is planned from the training boxes by the medrpn command; in Python, "
-                "plan them with medrpn.plan.plan_for_config(config) and pass the AnchorConfig it gives"
+                "plan them with medrpn.commands.plan.plan_for_config(config) and pass the AnchorConfig it gives"
             )
         self.rpn_only = bool(rpn_only)
         # the classes the model reports; the data's names stay in the hyperparameters
@@ -227,6 +235,7 @@ class LesionDetectionModule(L.LightningModule):
             pixel_mean=pixel_mean,
             pixel_std=pixel_std,
             cross_class_nms_thresh=cross_class_nms_thresh,
+            containment_thresh=containment_thresh,
             rpn_only=self.rpn_only,
         )
         self.loss_names = RPN_LOSS_NAMES if self.rpn_only else LOSS_NAMES
@@ -243,6 +252,7 @@ class LesionDetectionModule(L.LightningModule):
                 "pixel_mean": pixel_mean,
                 "pixel_std": pixel_std,
                 "cross_class_nms_thresh": cross_class_nms_thresh,
+                "containment_thresh": containment_thresh,
                 "rpn_only": self.rpn_only,
                 "optim": asdict(self.optim),
                 "froc_hit_rule": froc_hit_rule,
@@ -280,16 +290,29 @@ class LesionDetectionModule(L.LightningModule):
         """Detections and proposals for a batch of images (eval mode)."""
         return self.model(images)
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         images, targets = batch["images"], batch["targets"]
         if len(images) == 0:  # every file of the batch was unreadable (each already reported)
-            return None
+            log.warning("Training batch %d has no readable image: it adds a zero loss", batch_idx)
+            return self._zero_loss()
         losses = self.model(images, targets).losses
         loss = sum(losses[name] for name in self.loss_names)
         batch_size = len(images)
         self.log_dict({f"train/{k}": v for k, v in losses.items()}, on_step=True, on_epoch=True, batch_size=batch_size)
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=batch_size)
         return loss
+
+    def _zero_loss(self) -> Tensor:
+        """A loss of 0 that reaches every trainable parameter, for a batch with nothing to learn from.
+
+        Under DDP every rank must give a gradient to every parameter at every step (the
+        gradients are averaged across ranks in one all-reduce): a rank that skipped its step
+        (`None`) or gave some parameters no gradient would leave the others waiting. Its gradients
+        are zero, so the step follows the other ranks' gradients (averaged over all ranks). The
+        optimiser steps as on any batch (in one process too: AdamW's momentum and weight decay
+        still move the weights a little).
+        """
+        return sum(p.sum() for p in self.parameters() if p.requires_grad) * 0.0
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._evaluate(batch, self.val_metrics)
@@ -336,7 +359,7 @@ class LesionDetectionModule(L.LightningModule):
         logger = mlflow_logger(self.trainer)
         if logger is None or not self.trainer.is_global_zero:
             return
-        from medrpn.runs import write_report_files  # matplotlib only when it is needed
+        from medrpn.training.runs import write_report_files  # matplotlib only when it is needed
 
         with tempfile.TemporaryDirectory() as tmp:
             write_report_files(report, Path(tmp), artifact_path.rsplit("/", 1)[-1])
@@ -363,12 +386,12 @@ class LesionDetectionModule(L.LightningModule):
             checkpoint["operating_point"] = {k: float(v) for k, v in self.operating_point.items()}
         logger = mlflow_logger(self.trainer)
         if logger is not None and logger.run_id is not None:
-            from medrpn.runs import absolute_tracking_uri
+            from medrpn.training.runs import absolute_tracking_uri, redact_uri
 
-            checkpoint["mlflow_run"] = {
+            checkpoint["mlflow_run"] = {  # the URI without credentials: checkpoints get shared and uploaded
                 "run_id": str(logger.run_id),
                 "experiment_id": str(logger.experiment_id),
-                "tracking_uri": absolute_tracking_uri(logger_tracking_uri(logger)),
+                "tracking_uri": redact_uri(absolute_tracking_uri(logger_tracking_uri(logger))),
             }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -403,3 +426,41 @@ class LesionDetectionModule(L.LightningModule):
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def read_module_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A medrpn detector checkpoint's contents, read by the one safe reader (`read_checkpoint`:
+    tensors and plain data only), checked to hold what `module_from_checkpoint` needs."""
+    checkpoint = read_checkpoint(path)
+    if "hyper_parameters" not in checkpoint or "state_dict" not in checkpoint:
+        raise MedrpnError(f"{path}: not a medrpn checkpoint (no hyper_parameters/state_dict)")
+    return checkpoint
+
+
+def module_from_checkpoint(
+    path: str | Path, overrides: dict[str, Any] | None = None, checkpoint: dict[str, Any] | None = None
+) -> LesionDetectionModule:
+    """The `LesionDetectionModule` of a checkpoint, in eval mode on the CPU: what Lightning's
+    `load_from_checkpoint` does (operating point and MLflow run restored, another model shape
+    refused with the settings named), with the file read once by `read_module_checkpoint`.
+
+    Args:
+        path: the checkpoint file (named in errors).
+        overrides: module arguments that replace the saved ones (metric settings, RPN settings).
+        checkpoint: its contents, when already read.
+    """
+    checkpoint = read_module_checkpoint(path) if checkpoint is None else checkpoint
+    try:
+        module = LesionDetectionModule(**{**checkpoint["hyper_parameters"], **(overrides or {})})
+    except ConfigError:
+        raise  # it names the setting at fault, which may be a given override
+    except (ValueError, TypeError) as error:
+        raise MedrpnError(f"{path}: {error}") from None
+    try:
+        module.on_load_checkpoint(checkpoint)
+        module.load_state_dict(checkpoint["state_dict"])
+    except ConfigError as error:  # another model shape
+        raise ConfigError(f"{path}: {error}") from None
+    except RuntimeError as error:  # state dict keys or shapes
+        raise MedrpnError(f"{path}: its weights do not fit the model its settings describe ({str(error).splitlines()[0][:200]})") from None
+    return module.eval()

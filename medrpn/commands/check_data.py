@@ -1,12 +1,13 @@
 """`medrpn check-data --config CFG`: is this dataset fit to train on? Everything wrong with it, in one report.
 
-It reads the `data` section of a training config the way `medrpn fit` does (collecting every
-problem instead of stopping at the first), decodes every image once, and prints:
+It takes what `medrpn fit` takes (config files and overrides, read by `medrpn.commands.config_parser`) and
+builds the data the way fit does (collecting every problem instead of stopping at the first),
+decodes every image once, and prints:
 
 - images found, readable and unreadable (each unreadable one with path and reason);
 - every annotation problem (file, row, reason) and the images it takes out of training;
 - boxes per class; box sizes in pixels and, where the pixel spacing is known, millimetres;
-- images without boxes; boxes outside the image, inverted, zero-sized, duplicated;
+- images without boxes; boxes outside the image, inverted, zero-sized, not finite (nan, inf), duplicated;
 - patients (split groups) and images per split, and that no patient is in two splits;
 - anchor coverage: the share of boxes whose best anchor (the `model.anchors` of the config,
   on the backbone's pyramid levels, after resizing to `data.image_size`) has IoU >= 0.5,
@@ -18,24 +19,20 @@ empty validation split, or any problem under `on_error: fail`), else 0.
 
 from __future__ import annotations
 
-import argparse
 import logging
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import yaml
 from torchvision.ops import box_iou
 
 from medrpn.data.datamodule import LesionDataModule
 from medrpn.data.records import Record
 from medrpn.data.splits import SPLITS
 from medrpn.data.transforms import fit_scale
-from medrpn.errors import ConfigError
 from medrpn.model.anchor_planning import COVERAGE_IOU, AnchorSetup, anchor_best_iou
-from medrpn.model.anchors import AnchorConfig
+from medrpn.commands.config_parser import config_sections, config_source, parse_training_config, training_config_parser
 
 COVERAGE_WARNING = 0.95
 DUPLICATE_IOU = 0.95
@@ -51,35 +48,6 @@ def count_duplicates(record: Record) -> int:
     return int(np.any((iou >= DUPLICATE_IOU) & same & earlier, axis=1).sum())
 
 
-def load_config(path: Path) -> tuple[dict[str, Any], AnchorSetup]:
-    """The `data` arguments and the anchor settings of a training config (LightningCLI YAML)."""
-    return config_sections(read_config(path), path)
-
-
-def read_config(path: Path) -> Any:
-    """The parsed YAML of a config file; a clear `ConfigError` when it is missing or not YAML."""
-    try:
-        return yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: config file not found") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: invalid YAML ({e})") from None
-
-
-def config_sections(config: Any, path: Path | str) -> tuple[dict[str, Any], AnchorSetup]:
-    """The `data` arguments and the anchor settings of a parsed training config (`path` names it in errors)."""
-    if not isinstance(config, dict) or not isinstance(config.get("data"), dict):
-        raise ConfigError(f"{path}: no 'data' section")
-    data = dict(config["data"])
-    data = data.get("init_args", data) if "class_path" in data else data
-    model = config.get("model") or {}
-    model = model.get("init_args", model) if "class_path" in model else model
-    anchors = model.get("anchors")
-    anchors = AnchorConfig() if anchors == "auto" else AnchorConfig(**(anchors or {}))  # auto: see check()
-    stages = (model.get("backbone") or {}).get("returned_stages") or [1, 2, 3, 4]
-    return data, AnchorSetup(anchors, list(stages))
-
-
 def _quantiles(values: np.ndarray, unit: str) -> str:
     if len(values) == 0:
         return "n/a"
@@ -87,17 +55,17 @@ def _quantiles(values: np.ndarray, unit: str) -> str:
     return f"min {q[0]:.1f}, 5% {q[1]:.1f}, median {q[2]:.1f}, 95% {q[3]:.1f}, max {q[4]:.1f} {unit}"
 
 
-def check(config_path: Path) -> tuple[list[str], list[str]]:
-    """Run the checks; returns the report lines and the reasons the data cannot be trained on (empty if it can)."""
-    config = read_config(config_path)
-    data, anchor_setup = config_sections(config, config_path)
+def check(config: dict[str, Any], source: str = "config") -> tuple[list[str], list[str]]:
+    """Run the checks on a parsed training config (`medrpn.commands.config_parser`; `source` names it in the
+    report); returns the report lines and the reasons the data cannot be trained on (empty if it can)."""
+    data, anchor_setup = config_sections(config, source)
     model = config.get("model") or {}
     model = model.get("init_args", model)
     if model.get("anchors") == "auto":
-        from medrpn.plan import plan_for_config  # the anchors `medrpn fit` will plan
+        from medrpn.commands.plan import plan_for_config  # the anchors `medrpn fit` will plan
 
         budget = model.get("anchors_per_position", 3)
-        anchor_setup.anchors = plan_for_config(config, budget, source=config_path).anchors
+        anchor_setup.anchors = plan_for_config(config, budget, source=source).anchors
     policy = data.pop("on_error", "skip")
     quiet = logging.getLogger("medrpn.data")
     level = quiet.level
@@ -108,7 +76,7 @@ def check(config_path: Path) -> tuple[list[str], list[str]]:
     finally:
         quiet.setLevel(level)
     problems = dm.problems
-    out: list[str] = [f"medrpn check-data: {config_path}"]
+    out: list[str] = [f"medrpn check-data: {source}"]
     fatal: list[str] = []
 
     usable = [r for name in SPLITS for r in dm.splits[name]]
@@ -149,7 +117,8 @@ def check(config_path: Path) -> tuple[list[str], list[str]]:
     out.append(f"no boxes      {sum(1 for r in usable if len(r.boxes) == 0)} images without boxes")
     out.append(
         f"bad boxes     outside the image {counts['outside'] + counts['negative']}, inverted {counts['inverted']}, "
-        f"zero-sized {counts['zero_size']}, duplicated {sum(count_duplicates(r) for r in usable)} (IoU >= {DUPLICATE_IOU}, same class)"
+        f"zero-sized {counts['zero_size']}, not finite {counts['not_finite']}, "
+        f"duplicated {sum(count_duplicates(r) for r in usable)} (IoU >= {DUPLICATE_IOU}, same class)"
     )
 
     seen: dict[str, str] = {}
@@ -198,15 +167,14 @@ def check(config_path: Path) -> tuple[list[str], list[str]]:
 
 
 def main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(
-        prog="medrpn check-data", description="Check a dataset before training: images, boxes, splits, anchor coverage."
+    parser = training_config_parser(
+        "medrpn check-data", "Check a dataset before training: images, boxes, splits, anchor coverage. "
+        "Takes what `medrpn fit` takes (--config files, --data.* and --model.* overrides)."
     )
-    parser.add_argument("--config", required=True, type=Path, help="a training config (its data and model.anchors sections)")
-    args = parser.parse_args(argv)
-    lines, fatal = check(args.config)
+    args, config = parse_training_config(parser, argv)
+    lines, fatal = check(config, config_source(args))
     print("\n".join(lines))
     if fatal:
         print("verdict       cannot be trained on: " + "; ".join(fatal))
         raise SystemExit(1)
     print("verdict       ready to train")
-

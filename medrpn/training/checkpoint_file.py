@@ -2,7 +2,8 @@
 
 Every command that opens a checkpoint (`fit`/`validate`/`test --ckpt_path`, `predict`, `evaluate`,
 a second stage) reads it here, with `weights_only=True`: a file that carries pickled code is
-refused before any of it runs.
+refused before any of it runs. A remote checkpoint (`https://...`, `s3://...`) is downloaded
+first (`download_checkpoint`) and then read here like any other.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import pickle
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import torch
 
@@ -43,6 +45,33 @@ def read_checkpoint(path: str | Path, kind: str = "checkpoint", mmap: bool = Fal
     if not isinstance(checkpoint, dict):
         raise MedrpnError(f"{path}: not a {kind} (it holds a {type(checkpoint).__name__})")
     return checkpoint
+
+
+def is_remote(path: str | Path) -> bool:
+    """Whether `path` is a URL (`https://...`, `s3://...`) rather than a local file."""
+    return "://" in str(path) and not str(path).startswith("file://")
+
+
+def download_checkpoint(url: str, folder: Path) -> Path:
+    """The checkpoint at `url` copied into `folder` (with fsspec: http(s), and s3, gs, ... where their
+    packages are installed), to be read with `read_checkpoint`.
+
+    Raises:
+        MedrpnError: naming the URL (without credentials) and why it could not be downloaded.
+    """
+    import fsspec
+
+    from medrpn.training.runs import redact_uri
+
+    local = folder / (Path(urlsplit(url).path).name or "checkpoint.ckpt")
+    try:
+        filesystem, remote = fsspec.core.url_to_fs(url)
+        filesystem.get_file(remote, str(local))
+    except Exception as error:  # noqa: BLE001 - a network, server or missing-package failure gets one clear line
+        raise MedrpnError(
+            f"{redact_uri(url)}: could not download the checkpoint ({error.__class__.__name__}: {redact_uri(_first_line(error))})"
+        ) from None
+    return local
 
 
 def _first_line(error: Exception) -> str:

@@ -25,7 +25,6 @@ spicules included.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 from dataclasses import dataclass
@@ -439,17 +438,3 @@ def _write_dicom(
     ds.WindowCenter, ds.WindowWidth = round(float(center), 2), round(float(width), 2)
     pydicom.dcmwrite(path, ds, enforce_file_format=True)
 
-
-def main(argv: list[str]) -> None:
-    """`medrpn synth --out DIR [--n-images N] [--image-size PX] [--pixel-spacing MM] [--seed S]`."""
-    parser = argparse.ArgumentParser(prog="medrpn synth", description="Write the synthetic DICOM lesion dataset.")
-    parser.add_argument("--out", required=True, type=Path, help="output folder")
-    parser.add_argument("--n-images", type=int, default=400)
-    parser.add_argument("--image-size", type=int, default=256)
-    parser.add_argument("--pixel-spacing", type=float, default=0.5, help="millimetres per pixel")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    summary = write_synthetic_dataset(
-        args.out, n_images=args.n_images, image_size=args.image_size, pixel_spacing_mm=args.pixel_spacing, seed=args.seed
-    )
-    print(summary)

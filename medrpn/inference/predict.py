@@ -2,20 +2,23 @@
 
 The run, in order:
 
-1. **scan** the input (`medrpn.scan.scan_inputs`): DICOM files are recognised by content (the ``DICM``
+1. **scan** the input (`medrpn.inference.scan.scan_inputs`): DICOM files are recognised by content (the ``DICM``
    marker) or name (``.dcm``, ``.dicom``, no suffix), their headers read without pixels and grouped
    by StudyInstanceUID (ordered by series and instance number; each frame of a multi-frame file is
    an image). DICOM objects that are not images (structured reports, RT structure sets,
    presentation states...) are noted and skipped; files whose header cannot be read are listed
    with the reason. PNG/JPEG files and NIfTI slices are grouped by the folder they are in.
-2. **keep existing outputs**: a study whose output folder already holds medrpn outputs is left
-   alone (and not even analysed) unless ``overwrite`` is set.
+2. **plan**: every group gets an output folder of its own, also when a study and an input folder
+   (or an earlier run's other study) would share a name: the later one gets ``-2``... (said in
+   the log). A study whose output folder already holds medrpn outputs is left alone (and not even
+   analysed) unless ``overwrite`` is set; one that an interrupted run left incomplete is redone.
 3. **detect** with the model loaded once, in batches; DataLoader worker processes read and
    transform the next images while the model runs (`num_workers`). An image that cannot be
    decoded is listed with the reason; the run goes on.
 4. **write** per study (`medrpn.outputs.study`): overlay PNGs, DICOM SR, GSPS, findings JSON;
    with ``proposals``, also every RPN proposal in ``proposals.json`` (`medrpn.outputs.proposals`),
-   for a second stage of the user's own.
+   for a second stage of the user's own. A study's outputs are staged and moved into place as a
+   unit; a study (or an overlay) that cannot be written is listed with the reason and the run goes on.
 
 The checkpoint carries everything needed (classes, detector settings, input size, how images were
 read in training), so no training config is required. The score threshold is, in order: the one
@@ -23,6 +26,7 @@ given, the checkpoint's ``operating_point["score_threshold"]`` (chosen on valida
 0.5; the findings JSON, SR and GSPS say which. With a second stage (``--second-stage``, a crop
 classifier from ``medrpn fit-crops``) the detections are re-scored / re-labelled by it, and its own
 operating point (picked on validation data for the re-scored output) replaces the detector's.
+With ``anonymize_paths`` no input path or checkpoint path is written (`medrpn.outputs.findings`).
 
 The RPN's test-time proposal settings (how many proposals per image, their NMS IoU, mirrored
 views) are the checkpoint's unless given (``proposals_per_image``, ``proposal_nms``,
@@ -34,10 +38,15 @@ and reasons only.
 
 from __future__ import annotations
 
-import argparse
+import json
 import os
-from collections import deque
+import re
+import sys
+import warnings
+from collections import Counter, deque
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,29 +55,28 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 from torchvision.ops import clip_boxes_to_image
+from tqdm import tqdm
 
 from medrpn import __version__
-from medrpn.checkpoint_file import read_checkpoint
 from medrpn.data.io import ReadConfig, read_image
 from medrpn.data.transforms import build_transform, fit_scale
 from medrpn.errors import ConfigError, DataError, MedrpnError
-from medrpn.model.flip_proposals import FLIP_DIMS
 from medrpn.model.rpn import RPNConfig
 from medrpn.outputs import ImageFindings, ModelInfo, make_findings
 from medrpn.outputs.findings import file_sha256
 from medrpn.outputs.overlay import to_display_uint8
-from medrpn.outputs.proposals import PROPOSALS_NAME, image_proposals, write_proposals
-from medrpn.proposal_settings import (
+from medrpn.outputs.proposals import PROPOSALS_NAME, ImageProposals, image_proposals, write_proposals
+from medrpn.inference.proposal_settings import (
     CHANGEABLE_PROPOSAL_SETTINGS,
     describe_proposal_settings,
     proposal_changes,
     rpn_settings,
     with_rpn_changes,
 )
-from medrpn.outputs.study import StudyOutputs, existing_outputs
-from medrpn.scan import InputGroup, InputItem, Scan, scan_inputs
+from medrpn.outputs.study import FINDINGS_NAME, StudyOutputs, existing_outputs, incomplete
+from medrpn.inference.scan import InputGroup, InputItem, Scan, scan_inputs
 from medrpn.second_stage.rescoring import SecondStage, check_classes, load_second_stage
-from medrpn.training import LesionDetectionModule
+from medrpn.training.lightning_module import LesionDetectionModule, module_from_checkpoint, read_module_checkpoint
 
 DEFAULT_SCORE_THRESHOLD = 0.5
 
@@ -105,18 +113,10 @@ class PredictReport:
 # the checkpoint
 
 
-def _read_checkpoint(path: Path) -> dict[str, Any]:
-    checkpoint = read_checkpoint(path)
-    if "hyper_parameters" not in checkpoint or "state_dict" not in checkpoint:
-        raise MedrpnError(f"{path}: not a medrpn checkpoint (no hyper_parameters/state_dict)")
-    return checkpoint
-
-
-def _build_module(checkpoint: dict[str, Any], rpn_changes: dict[str, Any] | None = None) -> LesionDetectionModule:
+def _build_module(path: Path, checkpoint: dict[str, Any], rpn_changes: dict[str, Any] | None = None) -> LesionDetectionModule:
     """The checkpoint's module in eval mode, with `rpn_changes` (RPNConfig fields) over its RPN settings."""
-    module = LesionDetectionModule(**with_rpn_changes(checkpoint["hyper_parameters"], rpn_changes or {}))
-    module.load_state_dict(checkpoint["state_dict"])
-    return module.eval()
+    changed = with_rpn_changes(checkpoint["hyper_parameters"], rpn_changes or {}) if rpn_changes else None
+    return module_from_checkpoint(path, overrides=changed, checkpoint=checkpoint)
 
 
 def load_checkpoint(path: str | Path) -> tuple[LesionDetectionModule, dict[str, Any]]:
@@ -124,8 +124,8 @@ def load_checkpoint(path: str | Path) -> tuple[LesionDetectionModule, dict[str, 
 
     Loaded with `weights_only=True`: a checkpoint can carry tensors and plain data, never code.
     """
-    checkpoint = _read_checkpoint(Path(path))
-    return _build_module(checkpoint), dict(checkpoint.get("datamodule_hyper_parameters") or {})
+    checkpoint = read_module_checkpoint(path)
+    return _build_module(Path(path), checkpoint), dict(checkpoint.get("datamodule_hyper_parameters") or {})
 
 
 def resolve_threshold(checkpoint: dict[str, Any], given: float | None) -> tuple[float, str, dict[str, float] | None]:
@@ -221,6 +221,8 @@ def predict_files(
     proposals_per_image: int | None = None,
     proposal_nms: float | None = None,
     test_flips: list[str] | None = None,
+    max_decoded_bytes: int | None = None,
+    anonymize_paths: bool = False,
 ) -> PredictReport:
     """Find lesions in every image under ``inputs``; write per study into ``output``.
 
@@ -239,6 +241,10 @@ def predict_files(
         proposals_per_image, proposal_nms, test_flips: the RPN's test-time settings
             (``rpn.post_nms_top_n_test``, ``rpn.nms_thresh``, ``rpn.test_flips``); None: the
             checkpoint's. They change what a full detector's RoI heads score too.
+        max_decoded_bytes: skip files whose header declares more decoded pixel data
+            (`medrpn.data.limits`); None: the checkpoint's ``data.read.max_decoded_bytes``.
+        anonymize_paths: write no input or checkpoint path: images are named by SOP Instance UID
+            (DICOM) or a hash of their path, folders of other images by a hash of theirs.
 
     Returns:
         A `PredictReport`.
@@ -249,10 +255,15 @@ def predict_files(
     if inputs.is_dir() and output.resolve() == inputs.resolve():
         raise MedrpnError(f"{output}: the output folder must not be the input folder")
     changes = proposal_changes(proposals_per_image, proposal_nms, test_flips)
-    module, model, image_size, read_config = _load(ckpt, score_threshold, changes)
+    module, model, image_size, read_config = _load(ckpt, score_threshold, changes, anonymize_paths)
+    if max_decoded_bytes is not None:
+        read_config = ReadConfig.parse({**read_config.as_dict(), "max_decoded_bytes": max_decoded_bytes})
     stage = None if second_stage is None else _load_second_stage(Path(second_stage), module, model, score_threshold)
 
-    scan = scan_inputs(inputs, exclude=output, axis=read_config.axis)
+    scan = scan_inputs(
+        inputs, exclude=output, axis=read_config.axis, max_decoded_bytes=read_config.max_decoded_bytes,
+        anonymize_paths=anonymize_paths,
+    )
     report = PredictReport(
         skipped=list(scan.skipped), notes=list(scan.notes), ignored=scan.ignored,
         score_threshold=model.score_threshold, threshold_source=model.threshold_source,
@@ -261,9 +272,10 @@ def predict_files(
         print(f"skipped {path}: {reason}", flush=True)
     for path, note in scan.notes:
         print(f"note: {path}: {note}", flush=True)
-    studies = _plan(scan, output, model, overwrite, proposals, report)
+    studies = _plan(scan, output, model, overwrite, anonymize_paths, report)
     workers = default_num_workers() if num_workers is None else int(num_workers)
-    _detect_and_write(module, studies, model, image_size, read_config, batch_size, workers, report, proposals=proposals, second_stage=stage)
+    with _library_warnings_once():
+        _detect_and_write(module, studies, model, image_size, read_config, batch_size, workers, report, proposals=proposals, second_stage=stage)
 
     print(
         f"medrpn predict: {report.images} images in {len(report.studies)} output folders, {report.findings} findings "
@@ -277,12 +289,13 @@ def predict_files(
 
 
 def _load(
-    ckpt: Path, score_threshold: float | None, rpn_changes: dict[str, Any]
+    ckpt: Path, score_threshold: float | None, rpn_changes: dict[str, Any], anonymize_paths: bool = False
 ) -> tuple[LesionDetectionModule, ModelInfo, int, ReadConfig]:
-    """The module (eval, on the GPU when there is one), its description, input size and read settings."""
-    checkpoint = _read_checkpoint(ckpt)
+    """The module (eval, on the GPU when there is one), its description (without the checkpoint's
+    path when ``anonymize_paths``), input size and read settings."""
+    checkpoint = read_module_checkpoint(ckpt)
     threshold, source, point = resolve_threshold(checkpoint, score_threshold)
-    module = _build_module(checkpoint, rpn_changes).to("cuda" if torch.cuda.is_available() else "cpu")
+    module = _build_module(ckpt, checkpoint, rpn_changes).to("cuda" if torch.cuda.is_available() else "cpu")
     settings = module.detector_config.rpn
     if rpn_changes:
         trained = RPNConfig(**rpn_settings(checkpoint["hyper_parameters"]))
@@ -295,7 +308,7 @@ def _load(
         )
     data_settings = dict(checkpoint.get("datamodule_hyper_parameters") or {})
     model = ModelInfo(
-        checkpoint=str(ckpt.resolve()),
+        checkpoint=None if anonymize_paths else str(ckpt.resolve()),
         checkpoint_sha256=file_sha256(ckpt),
         class_names=list(module.class_names),
         score_threshold=threshold,
@@ -322,10 +335,11 @@ def _load_second_stage(
 
 
 def _plan(
-    scan: Scan, output: Path, model: ModelInfo, overwrite: bool, proposals: bool, report: PredictReport
+    scan: Scan, output: Path, model: ModelInfo, overwrite: bool, anonymize_paths: bool, report: PredictReport
 ) -> list[tuple[InputGroup, StudyOutputs]]:
-    """The groups to analyse, each with its writer; groups with existing outputs are kept unless
-    ``overwrite``, which also removes an earlier run's proposals.json when this one writes none."""
+    """The groups to analyse, each with its writer and an output folder of its own; groups with
+    existing outputs are kept unless ``overwrite`` (the writer replaces them as a unit)."""
+    _give_unique_folders(scan.groups, output)
     studies = []
     for group in scan.groups:
         folder = output / group.folder
@@ -336,11 +350,44 @@ def _plan(
             continue
         if existing:
             print(f"replacing existing outputs in {folder}", flush=True)
-            if not proposals and (folder / PROPOSALS_NAME).exists():
-                (folder / PROPOSALS_NAME).unlink()  # another run's candidates, maybe of another model
-                print(f"removed the earlier run's {PROPOSALS_NAME} in {folder} (--proposals writes new ones)", flush=True)
-        studies.append((group, StudyOutputs(folder, model, group.study_instance_uid)))
+        elif incomplete(folder):
+            print(f"an earlier run stopped while writing {folder}: writing it again", flush=True)
+        studies.append((group, StudyOutputs(folder, model, group.study_instance_uid, anonymize_paths)))
     return studies
+
+
+def _give_unique_folders(groups: list[InputGroup], output: Path) -> None:
+    """Make every group's output folder its own: no two groups of this run share one (compared
+    without case, as some file systems do), and none takes a folder an earlier run wrote for another
+    study. DICOM studies choose first, then folders of other images, each in scan order; a group
+    whose folder is taken gets the first free ``<name>-2``, ``<name>-3``..., and the log says so."""
+    taken: set[str] = set()
+    for group in sorted(groups, key=lambda g: g.study_instance_uid is None):  # stable: scan order within
+        wanted = folder = group.folder
+        n = 1
+        while wanted != Path(".") and (folder.as_posix().lower() in taken or _written_for_another(output / folder, group)):
+            n += 1
+            folder = wanted.with_name(f"{wanted.name}-{n}")
+        taken.add(folder.as_posix().lower())
+        if folder != wanted:
+            what = f"study {group.study_instance_uid}" if group.study_instance_uid else f"the images of {wanted}"
+            print(f"note: {output / wanted} is another input group's output folder; {what}: {output / folder}",
+                  flush=True)
+            group.folder = folder
+
+
+def _written_for_another(folder: Path, group: InputGroup) -> bool:
+    """Whether ``folder`` holds a findings.json of another study (or of images of no study, when
+    ``group`` is a study): its outputs are not this group's to keep or replace."""
+    try:
+        document = json.loads((folder / FINDINGS_NAME).read_text())
+    except (OSError, ValueError):
+        return False
+    return (
+        isinstance(document, dict)
+        and "study_instance_uid" in document
+        and document["study_instance_uid"] != group.study_instance_uid
+    )
 
 
 def _detect_and_write(
@@ -360,7 +407,9 @@ def _detect_and_write(
     Images come in study order, so a study's SR/GSPS/JSON are written once its last image is
     done. Writing runs in one thread beside the model (in submission order: an image's overlay
     before its study's SR); the model releases the GIL while it computes. With ``proposals``, a
-    study's proposals.json is written just before its findings.json.
+    study's proposals.json is written just before its findings.json. Images and findings are
+    counted once their study is in place: an image or a study that could not be written is listed
+    in ``report.skipped`` instead.
     """
     items = [(g, item) for g, (group, _) in enumerate(studies) for item in group.items]
     if not items:
@@ -378,7 +427,6 @@ def _detect_and_write(
     writes: deque[Future] = deque()
     finished: list[Future] = []
     collected = {g: [] for g in range(len(studies))} if proposals else None  # ImageProposals per study
-    proposal_files: list[Future] = []
 
     def submit(function: Any, *args: Any) -> Future:
         while len(writes) > 4 * batch_size:  # the writer is behind: wait rather than pile up images
@@ -388,8 +436,10 @@ def _detect_and_write(
         writes.append(writer_thread.submit(function, *args))
         return writes[-1]
 
-    with torch.inference_mode(), ThreadPoolExecutor(1, thread_name_prefix="medrpn-write") as writer_thread:
+    progress = tqdm(total=len(items), desc="medrpn predict", unit="image", disable=not sys.stderr.isatty())
+    with progress, torch.inference_mode(), ThreadPoolExecutor(1, thread_name_prefix="medrpn-write") as writer_thread:
         for samples in loader:
+            progress.update(len(samples))
             ok = [s for s in samples if "error" not in s]
             detections = []
             if ok:
@@ -411,8 +461,6 @@ def _detect_and_write(
                 else:
                     image = _findings(item, sample, results[sample["index"]], image_size, model)
                     submit(writer.add, image, sample["display"].numpy(), item.header)
-                    report.images += 1
-                    report.findings += len(image.findings)
                     if collected is not None:
                         found = results[sample["index"]]
                         scale = fit_scale(image.height, image.width, image_size)
@@ -421,25 +469,70 @@ def _detect_and_write(
                         )
                 remaining[g] -= 1
                 if remaining[g] == 0:
-                    if collected is not None:
-                        target = writer.folder / PROPOSALS_NAME
-                        proposal_files.append(
-                            submit(write_proposals, target, collected.pop(g), model, writer.study_instance_uid)
-                        )
-                    finished.append(submit(_finish, writer))
+                    finished.append(submit(_finish, writer, None if collected is None else collected.pop(g)))
         while writes:
             writes.popleft().result()
+    paths = {item.source: str(item.path) for _, item in items}
     for future in finished:
-        writer = future.result()
-        report.studies.append(writer.folder)
-        report.written += writer.written
-    report.written += [future.result() for future in proposal_files]
+        writer, failure = future.result()
+        lost = writer.unwritten + ([(image.source, failure) for _, image in writer.images] if failure else [])
+        for source, reason in lost:
+            report.skipped.append((paths.get(source, source), reason))
+            print(f"skipped {paths.get(source, source)}: {reason}", flush=True)
+        if not failure:
+            report.studies.append(writer.folder)
+            report.written += writer.written
+            report.images += len(writer.images)
+            report.findings += sum(len(image.findings) for _, image in writer.images)
 
 
-def _finish(writer: StudyOutputs) -> StudyOutputs:
-    for note in writer.finish():
+# Library warnings said in plain words (and without the value that raised them: highdicom's
+# person-name warning quotes the patient's name).
+_PLAIN_WARNINGS = (
+    (
+        re.compile("unlikely to represent the intended person name"),
+        "a person name in the source DICOM headers has a single component (no '^' between family and "
+        "given name); it was copied into the SR and GSPS as it is",
+    ),
+)
+
+
+@contextmanager
+def _library_warnings_once() -> Iterator[None]:
+    """Collects the warnings libraries raise while images are read and outputs written (in every
+    thread), and prints each kind once, in plain words where it is known, with how often it came:
+    not a UserWarning per study, and no patient name in the log."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            yield
+        finally:
+            counts = Counter(_plain_warning(w) for w in caught)
+            for text, n in counts.items():
+                print(f"note: {text}" + (f" ({n} times)" if n > 1 else ""), flush=True)
+
+
+def _plain_warning(caught: warnings.WarningMessage) -> str:
+    message = str(caught.message)
+    for pattern, text in _PLAIN_WARNINGS:
+        if pattern.search(message):
+            return text
+    return f"{caught.category.__name__} from {Path(caught.filename).name}: {message}"
+
+
+def _finish(writer: StudyOutputs, proposals: list[ImageProposals] | None) -> tuple[StudyOutputs, str | None]:
+    """Put a study's outputs (and ``proposals``, if any) in place: ``(writer, None)``, or ``(writer,
+    why not)`` when they could not be written (the folder then does not look complete; the run goes on)."""
+    try:
+        if proposals is not None:
+            analysed = [p for p in proposals if any(p.image is image for _, image in writer.images)]
+            write_proposals(writer.staging / PROPOSALS_NAME, analysed, writer.model, writer.study_instance_uid)
+        notes = writer.finish()
+    except OSError as error:
+        return writer, f"the outputs of {writer.folder} could not be written ({error.__class__.__name__}: {error})"
+    for note in notes:
         print(f"note: {writer.folder}: {note}", flush=True)
-    return writer
+    return writer, None
 
 
 def _findings(
@@ -473,70 +566,4 @@ def _findings(
         frame=item.frame,
         uids=uids,
         overlay=item.overlay,
-    )
-
-
-def main(argv: list[str]) -> None:
-    """`medrpn predict --ckpt CKPT --input FILE_OR_DIR --output DIR [...]`."""
-    parser = argparse.ArgumentParser(
-        prog="medrpn predict",
-        description="Find lesions in new images. Per DICOM study: findings JSON, DICOM SR (TID 1500), "
-        "GSPS and overlay PNGs; per folder of PNG/JPEG/NIfTI images: findings JSON and overlays.",
-    )
-    parser.add_argument("--ckpt", required=True, type=Path, help="checkpoint written by `medrpn fit`")
-    parser.add_argument(
-        "--input", required=True, type=Path, help="an image file or a folder tree of them (DICOM, PNG, JPEG, NIfTI)"
-    )
-    parser.add_argument("--output", required=True, type=Path, help="folder for the outputs (one subfolder per study)")
-    parser.add_argument(
-        "--score-threshold",
-        type=float,
-        default=None,
-        help="keep findings scoring at least this (default: the checkpoint's operating point, else 0.5)",
-    )
-    parser.add_argument("--batch-size", type=int, default=8, help="images per forward pass")
-    parser.add_argument(
-        "--num-workers", type=int, default=None, help="reader processes (default: CPU cores - 1, at most 4; 0: none)"
-    )
-    parser.add_argument("--overwrite", action="store_true", help="replace existing outputs (default: keep them)")
-    parser.add_argument(
-        "--proposals",
-        action="store_true",
-        help="also write every RPN proposal (original pixels, mm, objectness; no threshold) to proposals.json "
-        "per output folder, for a second stage of your own",
-    )
-    parser.add_argument(
-        "--second-stage", type=Path, default=None, metavar="CKPT",
-        help="a crop classifier from `medrpn fit-crops` that re-scores / re-labels the detections "
-        "(its operating point then sets the default threshold)",
-    )
-    parser.add_argument(
-        "--proposals-per-image", type=int, default=None, metavar="N",
-        help="RPN proposals kept per image after NMS (default: the checkpoint's rpn.post_nms_top_n_test); "
-        "more for a candidate generator feeding your own second stage",
-    )
-    parser.add_argument(
-        "--proposal-nms", type=float, default=None, metavar="IOU",
-        help="NMS IoU of the RPN's proposals (default: the checkpoint's rpn.nms_thresh); higher keeps more "
-        "overlapping boxes, which can raise proposal recall (docs/rpn_ablation.md)",
-    )
-    parser.add_argument(
-        "--test-flips", nargs="+", choices=list(FLIP_DIMS), default=None,
-        help="also propose on these mirrored copies of each image and merge (default: the checkpoint's "
-        "rpn.test_flips); one more backbone pass each",
-    )
-    args = parser.parse_args(argv)
-    predict_files(
-        args.ckpt,
-        args.input,
-        args.output,
-        score_threshold=args.score_threshold,
-        batch_size=args.batch_size,
-        num_workers=args.num_workers,
-        overwrite=args.overwrite,
-        proposals=args.proposals,
-        second_stage=args.second_stage,
-        proposals_per_image=args.proposals_per_image,
-        proposal_nms=args.proposal_nms,
-        test_flips=args.test_flips,
     )

@@ -17,7 +17,9 @@ from pathlib import Path
 
 from mlflow.entities import Run
 
-from medrpn import plots, runs
+from medrpn.metrics import plots
+
+from medrpn.training import runs
 from medrpn.metrics.froc import FP_RATES
 from medrpn.metrics.report import froc_key
 
@@ -33,7 +35,7 @@ KEY_PARAMS = (
 )
 KEY_METRICS = (
     [froc_key(r) for r in FP_RATES]
-    + ["cpm", "cpm_ci_low", "cpm_ci_high", "map10", "map50", "map50_95"]
+    + ["cpm", "cpm_ci_low", "cpm_ci_high", "cpm_iou50", "map10", "map50", "map50_95"]
     + ["rpn_recall100", "rpn_recall1000", "rpn_ar100", "op_score_threshold", "op_fp_per_image", "op_sensitivity"]
 )
 

@@ -1,6 +1,6 @@
 """`medrpn plan --config CFG`: anchors planned from the training boxes, before and after.
 
-Reads a training config the way `medrpn check-data` does, takes the boxes of the TRAINING split
+Takes what `medrpn fit` takes (config files and overrides, read by `medrpn.commands.config_parser`), takes the boxes of the TRAINING split
 only (the split `medrpn fit` will use; validation and test boxes must not shape the model), fits
 them to `data.image_size` as training does, adds each box at the smallest and largest zoom of the
 training augmentation (`data.augment.scale`, when `augment.affine` is on: the model learns those
@@ -8,28 +8,28 @@ sizes too, and lesions a little larger or smaller than any in the training split
 an anchor), and runs `medrpn.model.anchor_planning.plan_anchors`.
 It prints the anchor coverage (share of boxes with an anchor at IoU >= 0.5), the mean best IoU
 and the anchors per image of the config's anchors, of torchvision's default anchors and of the
-plan, overall and per class; `--output NEW.yaml` writes a copy of the config with `model.anchors`
-replaced by the plan. `plan_for_config` does the same for an already parsed config (`anchors: auto`).
+plan, overall and per class; `--output NEW.yaml` writes the plan as a config of its own, to give
+after yours: `medrpn fit --config C --config NEW.yaml` trains with the planned anchors (your
+config, its comments and the other settings stay as they are). `plan_for_config` does the same for an already parsed config (`anchors: auto`).
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import yaml
 
-from medrpn.check_data import config_sections, read_config
 from medrpn.data.datamodule import LesionDataModule
 from medrpn.data.transforms import AugmentConfig, fit_scale
 from medrpn.errors import ConfigError, DataError
 from medrpn.model.anchor_planning import COVERAGE_IOU, AnchorPlan, AnchorScore, plan_anchors
 from medrpn.model.anchors import AnchorConfig
+from medrpn.commands.config_parser import config_sections, config_source, parse_training_config, training_config_parser
 
 AUTO = "auto"
 
@@ -149,11 +149,10 @@ def _plan(config: Any, anchors_per_position: int, source: str | Path) -> tuple[A
     return plan, found
 
 
-def with_anchors(config: dict[str, Any], anchors: AnchorConfig) -> dict[str, Any]:
-    """A copy of `config` with `model.anchors` replaced by `anchors`."""
-    config = copy.deepcopy(config)
-    _model_section(config)["anchors"] = asdict(anchors)
-    return config
+def planned_config(anchors: AnchorConfig, source: str) -> str:
+    """The YAML of a config holding only `model.anchors`, to be given after the config planned from."""
+    anchors_yaml = yaml.safe_dump({"model": {"anchors": asdict(anchors)}}, sort_keys=False, default_flow_style=None)
+    return f"# anchors planned by `medrpn plan` from the training boxes of {source}\n{anchors_yaml}"
 
 
 def _describe(anchors: AnchorConfig) -> str:
@@ -191,32 +190,31 @@ def report(plan: AnchorPlan, found: TrainingBoxes, budget: int) -> list[str]:
 
 
 def main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(
-        prog="medrpn plan",
-        description="Plan anchor sizes and aspect ratios from the training boxes; compare with the config's anchors.",
-    )
-    parser.add_argument("--config", required=True, type=Path, help="a training config (its data and model sections)")
-    parser.add_argument(
-        "--anchors-per-position", type=int, default=3, metavar="K", help="budget: sizes x ratios per position (default 3)"
+    parser = training_config_parser(
+        "medrpn plan",
+        "Plan anchor sizes and aspect ratios from the training boxes; compare with the config's anchors. "
+        "Takes what `medrpn fit` takes (--config files, --data.* and --model.* overrides).",
     )
     parser.add_argument(
-        "--output",
-        type=Path,
-        help="write a copy of the config with model.anchors replaced by the plan (rewritten by a YAML "
-        "writer: the comments of the original are lost)",
+        "--anchors-per-position", type=int, default=3, help="budget: sizes x ratios per position (default 3)"
     )
-    args = parser.parse_args(argv)
+    parser.add_argument(
+        "--output", type=Optional[Path], default=None,
+        help="write the planned model.anchors as a config to give after yours (medrpn fit --config C --config NEW.yaml)",
+    )
+    args, config = parse_training_config(parser, argv)
     if args.anchors_per_position < 1:
         parser.error("--anchors-per-position must be at least 1")
-    config = read_config(args.config)
-    plan, found = _plan(config, args.anchors_per_position, args.config)
-    print(f"medrpn plan: {args.config}")
+    source = config_source(args)
+    plan, found = _plan(config, args.anchors_per_position, source)
+    print(f"medrpn plan: {source}")
     print("\n".join(report(plan, found, args.anchors_per_position)))
     planned = yaml.safe_dump(asdict(plan.anchors), default_flow_style=True, sort_keys=False, width=1_000_000).strip()
     print(f"plan          model.anchors: {planned}")
     if args.output is not None:
         try:
-            args.output.write_text(yaml.safe_dump(with_anchors(config, plan.anchors), sort_keys=False, default_flow_style=None))
+            args.output.write_text(planned_config(plan.anchors, source))
         except OSError as e:
             raise ConfigError(f"{args.output}: cannot write the planned config ({e.strerror})") from None
-        print(f"wrote         {args.output} (the config with model.anchors planned; its comments are not kept)")
+        print(f"wrote         {args.output}: train with it given after your config, "
+              f"e.g. medrpn fit --config {source.split(', ')[-1]} --config {args.output}")

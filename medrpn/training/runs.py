@@ -1,11 +1,14 @@
 """What medrpn's evaluation and comparison say to MLflow (training metrics go through Lightning's
-``MLFlowLogger``; the config goes through ``medrpn.tracking``).
+``MLFlowLogger``; the config goes through ``medrpn.training.tracking``).
 
 - an evaluation report as metrics and as artifacts (table, JSON, FROC / precision-recall /
   proposal-recall plots) in a run;
 - the run a checkpoint came from (its id is stored in the checkpoint; a checkpoint kept under a
   run's artifact folder names it in its path), or a new run when there is none;
-- runs named by id or by name, for ``medrpn compare``.
+- runs named by id or by name, for ``medrpn compare``;
+- ``redact_uri``: a URI (or a message that holds one) without its credentials, for whatever is
+  logged, saved or printed: ``postgresql://user:password@db/mlflow`` must not end up in parameters,
+  config files, checkpoints or logs.
 """
 
 from __future__ import annotations
@@ -20,12 +23,24 @@ from mlflow.entities import Metric, Run
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from medrpn import plots
+from medrpn.metrics import plots
 from medrpn.errors import MedrpnError
 from medrpn.metrics.report import EvaluationReport
 
 DEFAULT_TRACKING_URI = "sqlite:///mlruns.db"
 _RUN_ID = re.compile(r"[0-9a-f]{32}")
+_USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)[^/\s@?#'\"]+@")
+_SECRET_QUERY = re.compile(
+    r"(?P<name>[?&][^=&\s#'\"]*(?:token|password|passwd|pwd|secret|key|sig|credential|auth)[^=&\s#'\"]*=)[^&\s#'\"]*",
+    re.IGNORECASE,
+)
+
+
+def redact_uri(text: str) -> str:
+    """`text` (a URI, or a message or config that holds URIs) without credentials: the
+    `user:password@` of every URI is removed, and the value of every query parameter named like a
+    secret (token, access_token, password, api_key, sig, X-Amz-Credential, ...) becomes `***`."""
+    return _SECRET_QUERY.sub(r"\g<name>***", _USERINFO.sub(r"\g<scheme>", text))
 
 
 def absolute_tracking_uri(uri: str) -> str:
@@ -37,11 +52,14 @@ def absolute_tracking_uri(uri: str) -> str:
     return uri
 
 
-def client_for(uri: str) -> MlflowClient:
-    """A client of the store at ``uri``; a missing SQLite file is an error, not a new empty store."""
+def client_for(uri: str, create: bool = False) -> MlflowClient:
+    """The one way medrpn makes an MLflow client: of the store at ``uri``. A missing SQLite file
+    is an error, not a new empty store, unless ``create`` (then its folder is made)."""
     if uri.startswith("sqlite:///"):
         path = Path(uri[len("sqlite:///") :])
-        if not path.is_file():
+        if create:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        elif not path.is_file():
             raise MedrpnError(f"{path}: no MLflow store here (give --tracking-uri)")
     return MlflowClient(tracking_uri=uri)
 
@@ -134,7 +152,7 @@ def resolve_run(client: MlflowClient, ref: str) -> tuple[Run, str | None]:
         experiment_ids, filter_string=f"attributes.run_name = '{escaped}'", order_by=["attributes.start_time DESC"]
     ) if experiment_ids else []
     if not runs:
-        raise MedrpnError(f"{ref}: no run with this id or name in {client.tracking_uri}")
+        raise MedrpnError(f"{ref}: no run with this id or name in {redact_uri(client.tracking_uri)}")
     note = None
     if len(runs) > 1:
         note = f"{len(runs)} runs are named '{ref}'; using the newest, {runs[0].info.run_id}"

@@ -1,10 +1,10 @@
 """`medrpn fit-crops`: train a crop classifier as a decoupled second stage of a trained detector.
 
-    medrpn fit-crops --ckpt demo/checkpoints/best.ckpt --config configs/demo.yaml [--epochs 30]
+    medrpn fit-crops --ckpt demo/checkpoints/best.ckpt [--config configs/demo.yaml] [--epochs 30]
                      [--candidates detections|proposals] [--mode rescore|relabel|both] [--output crops.ckpt]
 
 The detector (a `medrpn fit` checkpoint) runs over the training and validation splits of the
-config's data (the same split as `medrpn fit`, without augmentation); its candidates become
+checkpoint's data, or a config's (the same split as `medrpn fit`, without augmentation); its candidates become
 labelled crops (`medrpn.second_stage.dataset`); the classifier trains on the training crops and
 reports its loss on the validation ones. Then the validation split is measured with and without
 the second stage, the operating point of the re-scored output is picked there (for the
@@ -20,20 +20,19 @@ tagged with the detector's checkpoint and run, so the two can be found from each
 
 from __future__ import annotations
 
-import argparse
 import logging
 import shutil
 import tempfile
 import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from medrpn import runs
+from medrpn.training import runs
 from medrpn.data.batch import collate_detection
 from medrpn.data.dataset import DetectionDataset
 from medrpn.data.transforms import build_transform
@@ -46,7 +45,7 @@ from medrpn.second_stage.dataset import CropSet, collect_crops
 from medrpn.second_stage.evaluation import comparison_table, measure_second_stage
 from medrpn.second_stage.rescoring import COMBINES, MODES, SecondStage, SecondStageSettings, save_second_stage
 from medrpn.second_stage.training import CropClassifierModule, balanced_class_weights
-from medrpn.tracking_outbox import MLflowLogger
+from medrpn.training.tracking_outbox import MLflowLogger
 
 BATCH_SIZE = 128  # crops per training step
 EXPERIMENT = "medrpn-second-stage"
@@ -92,30 +91,31 @@ def _check_train_crops(crops: CropSet, class_names: list[str], settings: SecondS
 
 def fit_crops(
     ckpt: str | Path,
-    config: str | Path,
+    data: dict[str, Any],
     output: str | Path = "crops.ckpt",
     epochs: int = 30,
     settings: SecondStageSettings = SecondStageSettings(),
     seed: int = 0,
     tracking_uri: str | None = None,
 ) -> FitCropsResult:
-    """Trains a second stage for the detector ``ckpt`` on the data of ``config``; writes ``output``.
+    """Trains a second stage for the detector ``ckpt`` on the ``data``; writes ``output``.
 
     Args:
         ckpt: detector checkpoint written by ``medrpn fit``.
-        config: the training config (its ``data:`` section gives the images and the split).
+        data: the data settings (the images and the split; `medrpn.commands.evaluate.parse_on_checkpoint`
+            gives the checkpoint's, changed by a config or overrides).
         output: where the second-stage checkpoint goes.
         epochs: passes over the training crops.
         settings: candidates, crop geometry and re-scoring.
         seed: of the classifier's initialisation, shuffling and flips.
         tracking_uri: MLflow store of the run; default: the detector's run's, else ./mlruns.db.
     """
-    from medrpn.evaluate import load_checkpoint_and_data
+    from medrpn.commands.evaluate import load_checkpoint_and_data
 
     if epochs < 1:
         raise MedrpnError(f"--epochs must be at least 1, got {epochs}")
     ckpt = Path(ckpt)
-    module, datamodule = load_checkpoint_and_data(ckpt, config)
+    module, datamodule = load_checkpoint_and_data(ckpt, data)
     L.seed_everything(seed, verbose=False)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     detector = module.model.to(device).eval()
@@ -196,15 +196,16 @@ def _log_results(logger: MLflowLogger, path: Path, alone: EvaluationReport | Non
 
 
 def main(argv: list[str]) -> None:
-    """`medrpn fit-crops --ckpt CKPT --config CFG [...]`."""
+    """`medrpn fit-crops --ckpt CKPT [--config CFG] [...]`."""
+    from medrpn.commands.evaluate import checkpoint_command_parser, parse_on_checkpoint
+
     defaults = SecondStageSettings()
-    parser = argparse.ArgumentParser(
-        prog="medrpn fit-crops",
-        description="Train a crop classifier on a detector's candidates (a decoupled second stage: false-positive "
-        "reduction and/or lesion typing) and compare FROC/CPM with and without it on the validation split.",
+    parser = checkpoint_command_parser(
+        "medrpn fit-crops",
+        "Train a crop classifier on a detector's candidates (a decoupled second stage: false-positive "
+        "reduction and/or lesion typing) and compare FROC/CPM with and without it on the validation split. "
+        "The data settings are the checkpoint's unless a --config or --data.* override changes them.",
     )
-    parser.add_argument("--ckpt", required=True, type=Path, help="detector checkpoint written by `medrpn fit`")
-    parser.add_argument("--config", required=True, type=Path, help="the training config (its data: section is used)")
     parser.add_argument("--output", type=Path, default=Path("crops.ckpt"), help="second-stage checkpoint to write (default: crops.ckpt)")
     parser.add_argument("--epochs", type=int, default=30, help="passes over the training crops (default: 30)")
     parser.add_argument("--candidates", choices=CANDIDATE_SOURCES, default=defaults.candidates,
@@ -219,15 +220,15 @@ def main(argv: list[str]) -> None:
                         help=f"context on each side, as a fraction of the box side (default: {defaults.margin:g})")
     parser.add_argument("--min-score", type=float, default=defaults.min_score,
                         help=f"candidates scoring less are left out (default: {defaults.min_score:g})")
-    parser.add_argument("--tracking-uri", default=None,
+    parser.add_argument("--tracking-uri", type=Optional[str], default=None,
                         help="MLflow store of the run (default: the detector's run's store, else sqlite:///mlruns.db)")
-    args = parser.parse_args(argv)
+    args, data, _ = parse_on_checkpoint(parser, argv)
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     settings = SecondStageSettings(
         candidates=args.candidates, mode=args.mode, combine=args.combine,
         crop_size=args.crop_size, margin=args.margin, min_score=args.min_score,
     )
-    result = fit_crops(args.ckpt, args.config, args.output, args.epochs, settings, tracking_uri=args.tracking_uri)
+    result = fit_crops(args.ckpt, data, args.output, args.epochs, settings, tracking_uri=args.tracking_uri)
     names = ["background", *result.class_names]
     s = result.settings
     print(f"medrpn fit-crops: {args.ckpt} ({s.candidates}, {s.mode}, {s.crop_size} px crops, margin {s.margin:g})")

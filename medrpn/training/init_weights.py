@@ -18,7 +18,7 @@ from pathlib import Path
 
 from torch import nn
 
-from medrpn.checkpoint_file import read_checkpoint
+from medrpn.training.checkpoint_file import read_checkpoint
 from medrpn.errors import MedrpnError
 
 KIND = "checkpoint to start from (model.init_weights)"

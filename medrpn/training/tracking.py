@@ -4,6 +4,7 @@
   `config.yaml` artifact, and tags the run with the medrpn git commit, a hash of the config and a
   fingerprint of the dataset, so runs can be compared and repeated from the MLflow UI.
 - `describe_run` says where a run lives, for the summary printed after training.
+- The config is recorded without credentials (`medrpn.training.runs.redact_uri`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.loggers import MLFlowLogger
 
 from medrpn.data.records import Record
+from medrpn.training.runs import redact_uri
 
 
 def mlflow_logger(trainer: L.Trainer) -> MLFlowLogger | None:
@@ -30,7 +32,8 @@ def mlflow_logger(trainer: L.Trainer) -> MLFlowLogger | None:
 
 def logger_tracking_uri(logger: MLFlowLogger) -> str:
     """The tracking store or server an MLflow logger writes to. Lightning keeps it only in a
-    private attribute (always set: `file:<save_dir>` when none was given), so it is read here once."""
+    private attribute (always set: `file:<save_dir>` when none was given), so it is read here once
+    (Lightning pinned to the tested minor version for it, see pyproject.toml)."""
     return str(logger._tracking_uri)
 
 
@@ -51,11 +54,15 @@ class MLflowConfigLogger(SaveConfigCallback):
         logger = mlflow_logger(trainer)
         if logger is None:
             return
-        text = self.parser.dump(self.config, skip_none=False)
+        text = redact_uri(self.parser.dump(self.config, skip_none=False))
         config = self.config.as_dict()
         config.pop("config", None)  # the paths of the config files, not settings
         params = flat_params(config)
-        existing = logger.experiment.get_run(logger.run_id).data.params
+        from medrpn.training.tracking_outbox import MLflowLogger  # (it imports this module)
+
+        keeps = isinstance(logger, MLflowLogger)  # what its server does not take goes to its outbox
+        run_id = logger.run_id  # opens the run: on the server, or (the server away) in the outbox
+        existing = {} if keeps and logger.offline else logger.experiment.get_run(run_id).data.params
         config_file = self.config_filename
         tags = {"medrpn.git_commit": git_commit(), "medrpn.config_sha256": hashlib.sha256(text.encode()).hexdigest()}
         if existing:  # a resumed run
@@ -63,23 +70,27 @@ class MLflowConfigLogger(SaveConfigCallback):
             params = {k: v for k, v in params.items() if k not in existing}
             tags["medrpn.resume_changed_params"] = ", ".join(changed)[:5000] or "none"
             config_file = f"config-resume-{time.strftime('%Y%m%dT%H%M%S')}.yaml"
-            logger.experiment.update_run(logger.run_id, status="RUNNING")
+            logger.experiment.update_run(run_id, status="RUNNING")
         if params:
             logger.log_hyperparams(params)
-        logger.experiment.log_text(logger.run_id, text, config_file)
         records = getattr(trainer.datamodule, "records", None)
         if records is not None:
             tags["medrpn.dataset_fingerprint"] = dataset_fingerprint(records)
+        if keeps:
+            logger.log_text(text, config_file)
+            logger.set_tags(tags)
+            return
+        logger.experiment.log_text(run_id, text, config_file)
         for key, value in tags.items():
-            logger.experiment.set_tag(logger.run_id, key, value)
+            logger.experiment.set_tag(run_id, key, value)
 
 
 def flat_params(config: dict[str, Any]) -> dict[str, str]:
-    """A nested config as MLflow parameters: "a/b/c" keys, values as text cut to MLflow's 250 chars
-    (the form Lightning's MLFlowLogger gives them)."""
+    """A nested config as MLflow parameters: "a/b/c" keys, values as text without credentials
+    (`redact_uri`) cut to MLflow's 250 chars (the form Lightning's MLFlowLogger gives them)."""
     from lightning.fabric.utilities.logger import _convert_params, _flatten_dict
 
-    return {k: str(v)[:250] for k, v in _flatten_dict(_convert_params(config)).items()}
+    return {k: redact_uri(str(v))[:250] for k, v in _flatten_dict(_convert_params(config)).items()}
 
 
 def git_commit() -> str:
@@ -117,8 +128,8 @@ def describe_run(trainer: L.Trainer) -> dict[str, str] | None:
     if logger is None or logger.run_id is None:
         return None
     return {
-        "tracking_uri": logger_tracking_uri(logger),
-        "experiment": logger._experiment_name,
+        "tracking_uri": redact_uri(logger_tracking_uri(logger)),
+        "experiment": logger._experiment_name,  # private, pinned (pyproject.toml); public would cost a server call
         "experiment_id": logger.experiment_id,
         "run_id": logger.run_id,
     }

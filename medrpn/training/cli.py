@@ -4,6 +4,9 @@ Every setting lives in YAML (`--config configs/demo.yaml`), can be overridden on
 (`--trainer.max_epochs 3`) and printed (`--print_config`). `fit` ends by evaluating the best
 checkpoint on the held-out test split, in the same MLflow run, and prints where everything is.
 
+Every checkpoint is read with medrpn's safe reader (tensors and plain data only): a remote
+`--ckpt_path https://...` is downloaded first, and `--weights_only false` is refused.
+
 `fit --ckpt_path last` (or a checkpoint's path) resumes a stopped run: from the newest
 `last.ckpt` that `ResumeCheckpoint` wrote, with its optimizer step count, and logging into the
 MLflow run the checkpoint came from.
@@ -12,58 +15,83 @@ MLflow run the checkpoint came from.
 from __future__ import annotations
 
 import math
-import pickle
 import signal
 import sys
+import tempfile
 from pathlib import Path
+from typing import Any
 
 from jsonargparse import Namespace, lazy_instance
+from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from medrpn.checkpoint_file import read_checkpoint
-from medrpn.checkpointing import ResumeCheckpoint, checkpoint_run, find_last_checkpoint
+from medrpn.training.checkpoint_file import download_checkpoint, is_remote, read_checkpoint
+from medrpn.training.checkpointing import ResumeCheckpoint, SafeCheckpointIO, checkpoint_run, find_last_checkpoint
 from medrpn.data.datamodule import LesionDataModule
-from medrpn.distributed import lost_peer, rank, watch_launcher
-from medrpn.errors import MedrpnError
-from medrpn.runs import absolute_tracking_uri
-from medrpn.tracking import MLflowConfigLogger, describe_run, logger_tracking_uri, mlflow_logger
-from medrpn.tracking_outbox import MLflowLogger
-from medrpn.training import AUTO, LesionDetectionModule, checkpoint_model_settings
+from medrpn.training.distributed import lost_peer, rank, watch_children, watch_launcher
+from medrpn.errors import ConfigError, MedrpnError
+from medrpn.metrics.report import hit_rule_label
+from medrpn.training.runs import absolute_tracking_uri, redact_uri
+from medrpn.training.tracking import MLflowConfigLogger, describe_run, logger_tracking_uri, mlflow_logger
+from medrpn.training.tracking_outbox import MLflowLogger
+from medrpn.training.lightning_module import AUTO, LesionDetectionModule, checkpoint_model_settings
+
+
+def configure_parser(parser) -> None:
+    """medrpn's links and defaults on a parser of the training config (`medrpn fit`'s, and the
+    one the other commands read the same config with: `medrpn.commands.config_parser`)."""
+    parser.link_arguments("data.class_names", "model.class_names", apply_on="instantiate")
+    # Every run is tracked in MLflow (an SQLite file in the working directory unless the
+    # config names a server), and the checkpoint with the best validation CPM is kept.
+    parser.set_defaults(
+        {
+            "trainer.logger": lazy_instance(
+                MLflowLogger, experiment_name="medrpn", tracking_uri="sqlite:///mlruns.db", log_model=True
+            ),
+            "trainer.callbacks": [
+                lazy_instance(ModelCheckpoint, monitor="val/cpm", mode="max", save_top_k=1, filename="best-{epoch}"),
+                lazy_instance(ResumeCheckpoint, dirpath="runs/checkpoints", every_n_train_steps=100),
+                lazy_instance(LearningRateMonitor, logging_interval="step"),
+            ],
+            "trainer.default_root_dir": "runs",
+        }
+    )
 
 
 class MedrpnCLI(LightningCLI):
     """LightningCLI with medrpn's links and an evaluation of the held-out split after `fit`."""
 
     def add_arguments_to_parser(self, parser) -> None:
-        parser.link_arguments("data.class_names", "model.class_names", apply_on="instantiate")
-        # Every run is tracked in MLflow (an SQLite file in the working directory unless the
-        # config names a server), and the checkpoint with the best validation CPM is kept.
-        parser.set_defaults(
-            {
-                "trainer.logger": lazy_instance(
-                    MLflowLogger, experiment_name="medrpn", tracking_uri="sqlite:///mlruns.db", log_model=True
-                ),
-                "trainer.callbacks": [
-                    lazy_instance(ModelCheckpoint, monitor="val/cpm", mode="max", save_top_k=1, filename="best-{epoch}"),
-                    lazy_instance(ResumeCheckpoint, dirpath="runs/checkpoints", every_n_train_steps=100),
-                    lazy_instance(LearningRateMonitor, logging_interval="step"),
-                ],
-                "trainer.default_root_dir": "runs",
-            }
-        )
+        configure_parser(parser)
 
-    def _parse_ckpt_path(self) -> None:
+    def _parse_ckpt_path(self) -> None:  # private LightningCLI hook, no public one: pinned, see pyproject.toml
         """With `--ckpt_path`, takes from the checkpoint only the model settings its weights need
         (and, resuming a fit, the optimiser's); the others stay as configured, and every setting
         where the two differ is printed with the one used.
 
         LightningCLI's own version replaces the whole model config with the checkpoint's, so a
         `validate` or `test` with other proposal, NMS or threshold settings silently ran the
-        trained ones."""
+        trained ones.
+
+        A remote checkpoint is downloaded first, and read from there like a local one."""
         subcommand = self.config.get("subcommand")
-        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if not subcommand:
+            return
+        if self.config[subcommand].get("weights_only") is False:
+            raise MedrpnError(
+                "--weights_only false is not supported: medrpn reads checkpoints as tensors and plain data only, "
+                "since loading anything else runs code from the file; leave it out"
+            )
+        ckpt_path = self.config[subcommand].get("ckpt_path")
+        if ckpt_path and is_remote(ckpt_path):
+            self._downloads = tempfile.TemporaryDirectory(prefix="medrpn-ckpt-")  # removed when the command ends
+            local = str(download_checkpoint(ckpt_path, Path(self._downloads.name)))
+            if rank() == 0:
+                print(f"medrpn: downloaded {redact_uri(ckpt_path)} to {local}", flush=True)
+            ckpt_path = self.config[subcommand].ckpt_path = local
         if not ckpt_path or not Path(ckpt_path).is_file():
             return
         saved = read_checkpoint(Path(ckpt_path), mmap=True).get("hyper_parameters") or {}  # weights: Lightning's load
@@ -73,6 +101,17 @@ class MedrpnCLI(LightningCLI):
             self.config = self.parser.parse_object({subcommand: {"model": taken}}, self.config)
         if notes and rank() == 0:
             print(f"medrpn: settings with {ckpt_path}:\n  " + "\n  ".join(notes), flush=True)
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        """Lightning's trainer, reading checkpoints through medrpn's safe reader."""
+        trainer = super().instantiate_trainer(**kwargs)
+        if type(trainer.strategy.checkpoint_io) is not TorchCheckpointIO:
+            raise ConfigError(
+                f"trainer.plugins: {type(trainer.strategy.checkpoint_io).__name__} cannot be used: medrpn reads "
+                "every checkpoint with its own safe reader (SafeCheckpointIO)"
+            )
+        trainer.strategy.checkpoint_io = SafeCheckpointIO()
+        return trainer
 
     def before_instantiate_classes(self) -> None:
         """Refuses sync BN on CPU in one line (torch fails deep inside DDP), warns of bf16 on a CPU
@@ -93,7 +132,7 @@ class MedrpnCLI(LightningCLI):
             )
         if config.model.anchors != AUTO:
             return
-        from medrpn.plan import plan_for_config
+        from medrpn.commands.plan import plan_for_config  # what `medrpn plan` prints, run for `anchors: auto`
 
         plan = plan_for_config(config.as_dict(), anchors_per_position=config.model.anchors_per_position)
         config.model.anchors = Namespace(sizes=plan.anchors.sizes, aspect_ratios=plan.anchors.aspect_ratios)
@@ -113,11 +152,14 @@ class MedrpnCLI(LightningCLI):
         if path is None or logger is None or logger._run_id is not None:
             return
         run = checkpoint_run(path)
-        if run.get("run_id") and run.get("tracking_uri") == absolute_tracking_uri(logger_tracking_uri(logger)):
-            logger._run_id = run["run_id"]  # read by MLFlowLogger.experiment, which then reopens that run
+        run_uri = redact_uri(run.get("tracking_uri") or "")  # checkpoints keep it without credentials
+        if run.get("run_id") and run_uri == redact_uri(absolute_tracking_uri(logger_tracking_uri(logger))):
+            # read by MLFlowLogger.experiment, which then reopens that run (private; the public
+            # run_id argument is fixed before the checkpoint to resume is known: pinned, see pyproject.toml)
+            logger._run_id = run["run_id"]
             print(f"medrpn: resuming from {path}, in MLflow run {run['run_id']}", flush=True)
         elif run.get("run_id"):
-            print(f"medrpn: resuming from {path} in a new MLflow run (its run was in {run.get('tracking_uri')})", flush=True)
+            print(f"medrpn: resuming from {path} in a new MLflow run (its run was in {run_uri})", flush=True)
 
     def after_fit(self) -> None:
         trainer, datamodule = self.trainer, self.datamodule
@@ -134,7 +176,10 @@ class MedrpnCLI(LightningCLI):
 def _print_fit_summary(trainer, best: str | None, test_metrics: dict[str, float]) -> None:
     lines = ["", "medrpn fit finished."]
     run = describe_run(trainer)
-    if run:
+    logger = mlflow_logger(trainer)
+    if getattr(logger, "offline", False):
+        lines.append(f"  MLflow outbox   {logger.outbox} (its server was away); send it with: medrpn mlflow-sync {logger.outbox}")
+    elif run:
         lines.append(f"  MLflow run      {run['run_id']} (experiment '{run['experiment']}') in {run['tracking_uri']}")
         lines.append(f"                  see it with: mlflow ui --backend-store-uri {run['tracking_uri']}")
     if best:
@@ -145,8 +190,9 @@ def _print_fit_summary(trainer, best: str | None, test_metrics: dict[str, float]
             return "n/a" if math.isnan(value) else f"{value:.3f}"
 
         lines.append(
-            f"  held-out test   FROC sensitivity at 1 FP/image = {fmt('froc_1fp')}, CPM = {fmt('cpm')}, "
-            f"mAP@0.5 = {fmt('map50')}, RPN recall@100 = {fmt('rpn_recall100')}"
+            f"  held-out test   FROC sensitivity at 1 FP/image = {fmt('froc_1fp')}, CPM = {fmt('cpm')} "
+            f"({hit_rule_label(trainer.lightning_module.hparams.froc_hit_rule, trainer.lightning_module.hparams.froc_iou_threshold)}), "
+            f"CPM at IoU >= 0.5 = {fmt('cpm_iou50')}, mAP@0.5 = {fmt('map50')}, RPN recall@100 = {fmt('rpn_recall100')}"
         )
     print("\n".join(lines), flush=True)
 
@@ -167,10 +213,11 @@ def cpu_has_bf16() -> bool:
 def run(argv: list[str] | None) -> None:
     """Runs a LightningCLI subcommand (fit, validate, test, ...) with medrpn's model and data.
 
-    Checkpoints are loaded with `weights_only` (torch's default): one that carries pickled code
-    is refused with a clear error instead of being run.
+    Checkpoints are read with `read_checkpoint`: one that carries pickled code is refused with a
+    clear error instead of being run.
     """
     watch_launcher()  # a rank whose launcher is killed must not wait forever for it
+    watch_children()  # and a launcher whose rank dies says so and stops the others
     try:
         MedrpnCLI(
             LesionDetectionModule,
@@ -189,8 +236,3 @@ def run(argv: list[str] | None) -> None:
         ) from None
     except SIGTERMException:
         raise SystemExit(128 + signal.SIGTERM) from None  # what a scheduler expects of a terminated job
-    except pickle.UnpicklingError as error:
-        raise MedrpnError(
-            "the checkpoint holds objects other than tensors and plain data, which could run code when "
-            f"loaded; it was refused ({str(error).splitlines()[0][:200]})"
-        ) from None
