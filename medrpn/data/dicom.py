@@ -242,7 +242,7 @@ def _grey_to_unit(arr: np.ndarray, ds: Dataset, path: Path, window: WindowConfig
     or window that cannot be applied (e.g. a zero width) falls back to percentiles: a bad display
     hint should not make the pixels unusable.
     """
-    values = _modality_values(arr, ds, path)
+    values = modality_values(arr, ds, path)
     fixed = window.fixed_window
     if fixed is not None:
         return linear_window(values, *fixed)
@@ -260,7 +260,7 @@ def _grey_to_unit(arr: np.ndarray, ds: Dataset, path: Path, window: WindowConfig
     return stretch(out, lo, hi)
 
 
-def _modality_values(arr: np.ndarray, ds: Dataset, path: Path) -> np.ndarray:
+def modality_values(arr: np.ndarray, ds: Dataset, path: Path) -> np.ndarray:
     """Stored values -> modality values (e.g. Hounsfield units)."""
     try:
         if "ModalityLUTSequence" in ds:
