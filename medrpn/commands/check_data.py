@@ -13,6 +13,9 @@ decodes every image once, and prints:
   on the backbone's pyramid levels, after resizing to `data.image_size`) has IoU >= 0.5,
   with a warning below 95% (the RPN cannot learn a box that no anchor matches).
 
+Volumes (annotation formats csv3d, luna16, masks) get the same report per scan, in voxels and
+mm (`medrpn.commands.check_volume_data`).
+
 It exits with status 1 when the data cannot be trained on (no usable training image or box, an
 empty validation split, or any problem under `on_error: fail`), else 0.
 """
@@ -27,6 +30,8 @@ import numpy as np
 import torch
 from torchvision.ops import box_iou
 
+from medrpn.commands.check_volume_data import VOLUME_FORMATS, check_volumes
+from medrpn.data.annotations import detect_format
 from medrpn.data.datamodule import LesionDataModule
 from medrpn.data.records import Record
 from medrpn.data.splits import SPLITS
@@ -59,6 +64,8 @@ def check(config: dict[str, Any], source: str = "config") -> tuple[list[str], li
     """Run the checks on a parsed training config (`medrpn.commands.config_parser`; `source` names it in the
     report); returns the report lines and the reasons the data cannot be trained on (empty if it can)."""
     data, anchor_setup = config_sections(config, source)
+    if (data.get("format") or detect_format(data["annotations"])) in VOLUME_FORMATS:
+        return check_volumes(data, source)
     model = config.get("model") or {}
     model = model.get("init_args", model)
     if model.get("anchors") == "auto":

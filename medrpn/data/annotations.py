@@ -10,8 +10,14 @@ Formats (name for `data.format` in a config, and how it is recognised when not n
     rsna    RSNA Pneumonia labels          .csv with patientId, x, y, width, height, Target
     nih     NIH ChestX-ray14 BBox_List     .csv with Image Index, Finding Label, Bbox [x,y,w,h]
 
+Volumes (records with xyzxyz voxel boxes in medrpn's LPS orientation, `medrpn.data.volume`):
+
+    csv3d   image,x1,y1,z1,x2,y2,z2,label[,patient_id]    voxel boxes in the file's own axes
+    luna16  LUNA16 annotations.csv          seriesuid,coordX,coordY,coordZ,diameter_mm (world mm)
+    masks   image,mask[,patient_id]         lesion masks, one box per connected lesion
+
 CSV and JSON files may be gzipped (``.csv.gz``). Image paths are relative to the annotation
-file's folder (or to `image_dir` for the formats that name images by id: vindr, rsna, nih).
+file's folder (or to `image_dir` for the formats that name images by id: vindr, rsna, nih, luna16).
 """
 
 from __future__ import annotations
@@ -28,13 +34,16 @@ from medrpn.data.formats import (
     read_yolo,
 )
 from medrpn.data.formats.common import Annotations, load_json, open_text
+from medrpn.data.formats.lesion_masks import MASK_COLUMNS, read_lesion_masks
+from medrpn.data.formats.luna16 import LUNA16_COLUMNS, read_luna16
+from medrpn.data.formats.volume_csv import VOLUME_CSV_COLUMNS, read_volume_csv
 from medrpn.data.formats.plain_csv import CSV_COLUMNS
 from medrpn.data.fusion import FusionConfig
 from medrpn.data.io import ReadConfig
 from medrpn.data.problems import Problems
 from medrpn.errors import ConfigError, DataError
 
-FORMATS = ("coco", "monai", "csv", "yolo", "vindr", "rsna", "nih")
+FORMATS = ("coco", "monai", "csv", "yolo", "vindr", "rsna", "nih", "csv3d", "luna16", "masks")
 
 __all__ = ["FORMATS", "CSV_COLUMNS", "detect_format", "read_annotations", "read_coco", "read_csv"]
 
@@ -56,7 +65,7 @@ def read_annotations(
         format: one of `FORMATS`; None detects it from the file.
         problems: where bad entries go: None raises the first (policy fail); a `Problems("skip")`
             collects them and leaves the images they touch out.
-        image_dir: image folder for vindr, rsna and nih (relative to the annotation file).
+        image_dir: image folder for vindr, rsna, nih and luna16 (relative to the annotation file).
         fusion: how VinDr-CXR's several readers are fused.
         read: image reading settings (YOLO opens image headers for their size).
 
@@ -80,6 +89,12 @@ def read_annotations(
         return read_rsna(path, class_names, problems, image_dir)
     if format == "nih":
         return read_nih(path, class_names, problems, image_dir)
+    if format == "csv3d":
+        return read_volume_csv(path, class_names, problems)
+    if format == "luna16":
+        return read_luna16(path, class_names, problems, image_dir)
+    if format == "masks":
+        return read_lesion_masks(path, class_names, problems)
     raise ConfigError(f"data.format: unknown annotation format {format!r}; choose one of {', '.join(FORMATS)}")
 
 
@@ -102,8 +117,14 @@ def detect_format(path: str | Path) -> str:
     if name.endswith(".csv"):
         with open_text(path) as f:
             header = {h.strip() for h in f.readline().split(",")}
+        if set(VOLUME_CSV_COLUMNS) <= header:
+            return "csv3d"
         if set(CSV_COLUMNS) <= header:
             return "csv"
+        if set(LUNA16_COLUMNS) <= header:
+            return "luna16"
+        if set(MASK_COLUMNS) <= header:
+            return "masks"
         if {"image_id", "class_name", "rad_id"} <= header:
             return "vindr"
         if {"patientId", "Target"} <= header:
@@ -112,8 +133,9 @@ def detect_format(path: str | Path) -> str:
             return "nih"
         raise DataError(
             path,
-            f"unrecognised CSV header {sorted(header)}: expected image,x1,y1,x2,y2,label[,patient_id] "
-            "or the VinDr-CXR, RSNA Pneumonia or NIH ChestX-ray14 header",
+            f"unrecognised CSV header {sorted(header)}: expected image,x1,y1,x2,y2,label[,patient_id], "
+            "image,x1,y1,z1,x2,y2,z2,label (volumes), image,mask (lesion masks), "
+            "or the VinDr-CXR, RSNA Pneumonia, NIH ChestX-ray14 or LUNA16 header",
             row=1,
         )
     raise DataError(

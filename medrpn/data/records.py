@@ -33,7 +33,8 @@ class Record:
 
     Attributes:
         image_path: path of the image file.
-        boxes: float32 array (N, 4) in absolute pixel xyxy of the original image (N may be 0).
+        boxes: float32 array (N, 4) in absolute pixel xyxy of the original image (N may be 0);
+            for a volume (N, 6) xyzxyz voxels in medrpn's LPS orientation (`medrpn.data.volume`).
         labels: int64 array (N,) of class indices, 0-based into the dataset's class names.
         patient_id: identifier used to keep a patient's images in one split (None if unknown).
         frame: which 2D image of the file is meant: a frame of a multi-frame DICOM or a slice of
@@ -53,7 +54,8 @@ class Record:
 
     def __post_init__(self) -> None:
         self.image_path = Path(self.image_path)
-        self.boxes = np.asarray(self.boxes, dtype=np.float32).reshape(-1, 4)
+        boxes = np.asarray(self.boxes, dtype=np.float32)
+        self.boxes = boxes if boxes.ndim == 2 and boxes.shape[1] == 6 else boxes.reshape(-1, 4)
         self.labels = np.asarray(self.labels, dtype=np.int64).reshape(-1)
         if len(self.boxes) != len(self.labels):
             raise ValueError(f"{self.image_path}: {len(self.boxes)} boxes but {len(self.labels)} labels")
@@ -63,6 +65,11 @@ class Record:
             raise ValueError(f"{self.image_path}: {len(self.boxes)} boxes but {len(self.box_rows)} box rows")
         if self.source is not None:
             self.source = Path(self.source)
+
+    @property
+    def spatial_dims(self) -> int:
+        """2 for an image, 3 for a volume."""
+        return self.boxes.shape[1] // 2
 
     @property
     def key(self) -> str:

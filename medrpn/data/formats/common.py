@@ -28,6 +28,7 @@ Annotations = tuple[list[Record], list[str]]
 # A box may cross the image border by this many pixels (rounding in the annotation tool) and is clipped.
 BORDER_TOLERANCE = 1.0
 COORDINATES = ("x1", "y1", "x2", "y2")
+COORDINATES_3D = ("x1", "y1", "z1", "x2", "y2", "z2")
 
 
 def resolve(base: Path, image: str) -> Path:
@@ -100,43 +101,47 @@ def number(value: str, column: str, path: Path, line: int) -> float:
 
 
 def check_box(
-    box: Sequence[float], path: Path, row: int | None, problems: Problems, image: str, size: tuple[float, float] | None = None
+    box: Sequence[float], path: Path, row: int | None, problems: Problems, image: str, size: tuple[float, ...] | None = None
 ) -> list[float] | None:
-    """Check an xyxy box; return it (clipped to `size` (H, W) within the tolerance) or None after recording why it is bad.
+    """Check a box; return it (clipped to `size` within the tolerance) or None after recording why it is bad.
 
-    Every reader passes its boxes through here, so this is the one place that refuses a coordinate
-    that is not a finite number (nan, inf): it would pass every comparison below, and the
-    augmentation would later drop the box without a word, training a lesion as background.
+    A box is xyxy pixels with `size` (H, W) for an image, or xyzxyz voxels with `size` (X, Y, Z)
+    for a volume. Every reader passes its boxes through here, so this is the one place that
+    refuses a coordinate that is not a finite number (nan, inf): it would pass every comparison
+    below, and the augmentation would later drop the box without a word, training a lesion as
+    background.
     """
-    x1, y1, x2, y2 = (float(v) for v in box)
-    shown = "[" + ", ".join(f"{v:g}" for v in (x1, y1, x2, y2)) + "]"
-    not_finite = [n for n, v in zip(COORDINATES, (x1, y1, x2, y2)) if not math.isfinite(v)]
+    values = [float(v) for v in box]
+    dims = len(values) // 2
+    names = COORDINATES if dims == 2 else COORDINATES_3D
+    unit = "xyxy pixels" if dims == 2 else "xyzxyz voxels"
+    lo, hi = values[:dims], values[dims:]
+    shown = "[" + ", ".join(f"{v:g}" for v in values) + "]"
+    not_finite = [n for n, v in zip(names, values) if not math.isfinite(v)]
     if not_finite:
         verb = "is" if len(not_finite) == 1 else "are"
-        reason = f"{', '.join(not_finite)} {verb} not a finite number in box {shown} (xyxy pixels)"
+        reason = f"{', '.join(not_finite)} {verb} not a finite number in box {shown} ({unit})"
         problems.add("not_finite", DataError(path, reason, row), image)
         return None
-    negative = [n for n, v in zip(COORDINATES, (x1, y1, x2, y2)) if v < -BORDER_TOLERANCE]
+    negative = [n for n, v in zip(names, values) if v < -BORDER_TOLERANCE]
     if negative:
-        problems.add("negative", DataError(path, f"{negative[0]} is negative in box {shown} (xyxy pixels)", row), image)
+        problems.add("negative", DataError(path, f"{negative[0]} is negative in box {shown} ({unit})", row), image)
         return None
-    if x2 < x1 or y2 < y1:
-        problems.add("inverted", DataError(path, f"empty or inverted box: need x2 > x1 and y2 > y1, got {shown}", row), image)
+    need = " and ".join(f"{n}2 > {n}1" for n in "xyz"[:dims])
+    if any(b < a for a, b in zip(lo, hi)):
+        problems.add("inverted", DataError(path, f"empty or inverted box: need {need}, got {shown}", row), image)
         return None
-    if x2 == x1 or y2 == y1:
-        problems.add("zero_size", DataError(path, f"empty or inverted box (zero-sized): need x2 > x1 and y2 > y1, got {shown}", row), image)
+    if any(b == a for a, b in zip(lo, hi)):
+        problems.add("zero_size", DataError(path, f"empty or inverted box (zero-sized): need {need}, got {shown}", row), image)
         return None
     if size is not None:
-        height, width = size
-        if x2 > width + BORDER_TOLERANCE or y2 > height + BORDER_TOLERANCE:
-            problems.add(
-                "outside",
-                DataError(path, f"box {shown} lies outside its {width:g}x{height:g} (width x height) image {image}", row),
-                image,
-            )
+        extent = [float(size[1]), float(size[0])] if dims == 2 else [float(n) for n in size]
+        if any(b > e + BORDER_TOLERANCE for b, e in zip(hi, extent)):
+            what = f"{extent[0]:g}x{extent[1]:g} (width x height) image" if dims == 2 else "x".join(f"{e:g}" for e in extent) + " voxel volume"
+            problems.add("outside", DataError(path, f"box {shown} lies outside its {what} {image}", row), image)
             return None
-        return [max(x1, 0.0), max(y1, 0.0), min(x2, width), min(y2, height)]
-    return [max(x1, 0.0), max(y1, 0.0), x2, y2]
+        return [max(v, 0.0) for v in lo] + [min(v, e) for v, e in zip(hi, extent)]
+    return [max(v, 0.0) for v in lo] + hi
 
 
 def class_index(name: str, class_names: list[str], path: Path, row: int | None, problems: Problems, image: str) -> int | None:
@@ -155,8 +160,8 @@ class RecordBuilder:
     without boxes.
     """
 
-    def __init__(self, source: Path) -> None:
-        self.source = source
+    def __init__(self, source: Path, spatial_dims: int = 2) -> None:
+        self.source, self.spatial_dims = source, spatial_dims
         self._images: dict[tuple[Path, int | None], dict[str, Any]] = {}
 
     def add_image(self, image_path: Path, patient_id: str | None = None, frame: int | None = None) -> dict[str, Any]:
@@ -179,7 +184,7 @@ class RecordBuilder:
         for (image_path, frame), entry in self._images.items():
             record = Record(
                 image_path,
-                np.array(entry["boxes"], dtype=np.float32).reshape(-1, 4),
+                np.array(entry["boxes"], dtype=np.float32).reshape(-1, 2 * self.spatial_dims),
                 np.array(entry["labels"], dtype=np.int64),
                 None,
                 frame,
