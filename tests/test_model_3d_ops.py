@@ -86,3 +86,15 @@ def test_monai_anchors_box_coder_and_nms_work_in_medrpns_3d_box_convention():
     boxes = torch.tensor([[0, 0, 0, 10, 10, 10], [1, 0, 0, 11, 10, 10], [20, 20, 20, 30, 30, 30]], dtype=torch.float32)
     keep = batched_nms(boxes, torch.tensor([0.9, 0.8, 0.7]), torch.zeros(3, dtype=torch.long), nms_thresh=0.5)
     assert keep.tolist() == [0, 2]  # the second overlaps the first with 3D IoU 0.82
+
+
+def test_box_ops_measure_3d_boxes_as_monai_does():
+    from monai.data.box_utils import box_iou
+
+    from medrpn.model.box_ops import intersection_over_smaller, paired_box_iou, suppress_contained
+
+    boxes = torch.tensor([[0, 0, 0, 10, 10, 10], [2, 2, 2, 6, 6, 6], [5, 0, 0, 15, 10, 4]], dtype=torch.float32)
+    others = torch.tensor([[1, 1, 1, 11, 11, 11], [2, 2, 2, 6, 6, 6], [0, 0, 0, 15, 10, 4]], dtype=torch.float32)
+    assert torch.allclose(paired_box_iou(boxes, others), box_iou(boxes, others).diagonal())
+    assert intersection_over_smaller(boxes)[0, 1] == 1.0  # the second lies inside the first
+    assert suppress_contained(boxes, torch.tensor([0.9, 0.5, 0.8]), 0.9).tolist() == [0, 2]

@@ -14,22 +14,25 @@ from torch import Tensor
 
 
 def paired_box_iou(boxes: Tensor, others: Tensor) -> Tensor:
-    """IoU of ``boxes`` (..., 4) with ``others`` (..., 4), xyxy, element by element (broadcast)."""
-    lt = torch.maximum(boxes[..., :2], others[..., :2])
-    rb = torch.minimum(boxes[..., 2:], others[..., 2:])
+    """IoU of ``boxes`` (..., 4) with ``others`` (..., 4), xyxy (or (..., 6) xyzxyz), element by
+    element (broadcast)."""
+    d = boxes.shape[-1] // 2
+    lt = torch.maximum(boxes[..., :d], others[..., :d])
+    rb = torch.minimum(boxes[..., d:], others[..., d:])
     inter = (rb - lt).clamp(min=0).prod(dim=-1)
-    area_a = (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])
-    area_b = (others[..., 2] - others[..., 0]) * (others[..., 3] - others[..., 1])
+    area_a = (boxes[..., d:] - boxes[..., :d]).prod(dim=-1)
+    area_b = (others[..., d:] - others[..., :d]).prod(dim=-1)
     return inter / (area_a + area_b - inter)
 
 
 def intersection_over_smaller(boxes: Tensor) -> Tensor:
-    """(N, N): the area two boxes (N, 4) xyxy share, over the smaller box's area (1 for a box
-    inside another, whatever their sizes)."""
-    lt = torch.maximum(boxes[:, None, :2], boxes[None, :, :2])
-    rb = torch.minimum(boxes[:, None, 2:], boxes[None, :, 2:])
+    """(N, N): the area (volume) two boxes (N, 4) xyxy or (N, 6) xyzxyz share, over the smaller
+    box's (1 for a box inside another, whatever their sizes)."""
+    d = boxes.shape[1] // 2
+    lt = torch.maximum(boxes[:, None, :d], boxes[None, :, :d])
+    rb = torch.minimum(boxes[:, None, d:], boxes[None, :, d:])
     inter = (rb - lt).clamp(min=0).prod(dim=-1)
-    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    area = (boxes[:, d:] - boxes[:, :d]).prod(dim=1)
     return inter / torch.minimum(area[:, None], area[None, :]).clamp(min=1e-6)
 
 

@@ -129,12 +129,12 @@ class LesionDetector(nn.Module):
         `loss_objectness`, `loss_rpn_box_reg`, and without `rpn_only` also `loss_classifier`,
         `loss_box_reg`); in eval mode detections and proposals are returned.
         """
-        if images.dim() != 4:
-            raise ValueError(f"images must be (B, C, H, W), got shape {tuple(images.shape)}")
+        if images.dim() not in (4, 5):
+            raise ValueError(f"images must be (B, C, H, W), or (B, C, X, Y, Z) volumes, got shape {tuple(images.shape)}")
         if self.training and targets is None:
             raise ValueError("targets are required in training mode")
-        height, width = images.shape[-2:]
-        image_list = ImageList((images - self.pixel_mean) / self.pixel_std, [(height, width)] * images.shape[0])
+        size = tuple(int(n) for n in images.shape[2:])
+        image_list = ImageList((images - self.pixel_mean) / self.pixel_std, [size] * images.shape[0])
         internal_targets = None
         if targets is not None:
             internal_targets = [{"boxes": t["boxes"], "labels": t["labels"] + 1} for t in targets]
@@ -174,7 +174,12 @@ class LesionDetector(nn.Module):
     def _finish(self, detection: dict[str, Tensor]) -> dict[str, Tensor]:
         boxes, scores, labels = detection["boxes"], detection["scores"], detection["labels"] - 1
         if self.cross_class_nms_thresh < 1.0 and len(boxes) > 1:
-            keep = batched_nms(boxes, scores, torch.zeros_like(labels), self.cross_class_nms_thresh)
+            if boxes.shape[1] == 4:
+                keep = batched_nms(boxes, scores, torch.zeros_like(labels), self.cross_class_nms_thresh)
+            else:  # volumes: MONAI's 3D NMS, imported only here (MONAI's import costs seconds)
+                from monai.data.box_utils import batched_nms as volume_nms
+
+                keep = volume_nms(boxes, scores, torch.zeros_like(labels), self.cross_class_nms_thresh)
             boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
         if self.containment_thresh is not None and len(boxes) > 1:
             keep = suppress_contained(boxes, scores, self.containment_thresh)

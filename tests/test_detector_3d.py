@@ -1,0 +1,79 @@
+"""The two-stage detector on volumes: the 2D detector's contract with (B, C, X, Y, Z) input and
+xyzxyz boxes. It learns two lesions of two classes on a fixed batch (boxes and classes found),
+and refuses what is 2D only."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from monai.data.box_utils import box_iou
+
+from medrpn.errors import ConfigError
+from medrpn.model.detector_3d import Anchor3DConfig, Detector3DConfig, build_detector_3d
+from medrpn.model.rpn import RPNConfig
+
+
+def _batch() -> tuple[torch.Tensor, list[dict[str, torch.Tensor]]]:
+    generator = torch.Generator().manual_seed(0)
+    images = 0.3 + 0.05 * torch.randn(2, 1, 32, 32, 16, generator=generator)
+    images[0, 0, 6:16, 8:18, 4:8] = 0.9  # class 1: bright
+    images[1, 0, 16:24, 6:14, 6:10] = 0.05  # class 0: dark
+    targets = [
+        {"boxes": torch.tensor([[6.0, 8.0, 4.0, 16.0, 18.0, 8.0]]), "labels": torch.tensor([1])},
+        {"boxes": torch.tensor([[16.0, 6.0, 6.0, 24.0, 14.0, 10.0]]), "labels": torch.tensor([0])},
+    ]
+    return images, targets
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_the_3d_detector_learns_where_and_what_two_lesions_are():
+    torch.manual_seed(0)
+    model = build_detector_3d(Detector3DConfig(num_classes=2))
+    images, targets = _batch()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    totals = []
+    for _ in range(50):
+        losses = model(images, targets).losses
+        assert set(losses) == {"loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg"}
+        total = sum(losses.values())
+        assert torch.isfinite(total)
+        optimizer.zero_grad()
+        total.backward()
+        optimizer.step()
+        totals.append(total.item())
+    assert sum(totals[-5:]) / 5 < totals[0] / 2
+    model.eval()
+    with torch.no_grad():
+        output = model(images)
+    for detections, target in zip(output.detections, targets):
+        assert detections["boxes"].shape[1] == 6 and len(detections["boxes"]) >= 1
+        assert box_iou(detections["boxes"][:1], target["boxes"]).item() >= 0.4
+        assert detections["labels"][0] == target["labels"][0]
+    assert all(p.shape[1] == 6 and len(p) <= 100 for p in output.proposals)
+
+
+def test_an_rpn_only_3d_detector_returns_its_proposals_as_class_agnostic_findings():
+    model = build_detector_3d(Detector3DConfig(num_classes=2, rpn_only=True)).eval()
+    images, _ = _batch()
+    with torch.no_grad():
+        output = model(images)
+    first = output.detections[0]
+    assert torch.equal(first["boxes"], output.proposals[0]) and (first["labels"] == 0).all()
+    assert torch.equal(first["scores"], output.proposal_scores[0])
+
+
+def test_a_volume_without_lesions_trains_as_background():
+    model = build_detector_3d(Detector3DConfig(num_classes=1)).train()
+    images = torch.rand(1, 1, 32, 32, 16)
+    losses = model(images, [{"boxes": torch.zeros(0, 6), "labels": torch.zeros(0, dtype=torch.int64)}]).losses
+    assert all(torch.isfinite(v) for v in losses.values()) and losses["loss_rpn_box_reg"].item() == 0.0
+
+
+def test_what_is_2d_only_is_refused_by_name():
+    with pytest.raises(ConfigError, match="test_flips is 2D only"):
+        build_detector_3d(Detector3DConfig(num_classes=1, rpn=RPNConfig(test_flips=["horizontal"])))
+    with pytest.raises(ConfigError, match="not available for volumes"):
+        build_detector_3d(Detector3DConfig(num_classes=1, rpn=RPNConfig(sampler="quality_focal")))
+    with pytest.raises(ConfigError, match="give anchors for 4"):
+        build_detector_3d(Detector3DConfig(num_classes=1, anchors=Anchor3DConfig(sizes=[[4.0]], aspect_ratios=[[[1.0, 1.0]]])))
