@@ -63,16 +63,27 @@ def check_hit_rule(rule: str) -> str:
 
 
 def _check_boxes(name: str, boxes: Tensor) -> None:
-    if boxes.ndim != 2 or boxes.shape[-1] != 4:
-        raise ValueError(f"{name} must have shape (N, 4), got {tuple(boxes.shape)}")
+    if boxes.ndim != 2 or boxes.shape[-1] not in (4, 6):
+        raise ValueError(f"{name} must have shape (N, 4), or (N, 6) for volumes, got {tuple(boxes.shape)}")
 
 
 def _centre_distance_ratio(pred: Tensor, gt: Tensor) -> Tensor:
     """(N, G) distance between prediction and lesion centres divided by the lesion's radius."""
-    pred_centre = (pred[:, :2] + pred[:, 2:]) / 2
-    gt_centre = (gt[:, :2] + gt[:, 2:]) / 2
-    radius = (gt[:, 2:] - gt[:, :2]).amax(dim=1) / 2
+    d = gt.shape[1] // 2
+    pred_centre = (pred[:, :d] + pred[:, d:]) / 2
+    gt_centre = (gt[:, :d] + gt[:, d:]) / 2
+    radius = (gt[:, d:] - gt[:, :d]).amax(dim=1) / 2
     return torch.cdist(pred_centre, gt_centre) / radius[None, :]
+
+
+def _box_iou_3d(a: Tensor, b: Tensor) -> Tensor:
+    """(N, G) IoU of xyzxyz boxes (torchvision's box_iou is 2D only)."""
+    lt = torch.maximum(a[:, None, :3], b[None, :, :3])
+    rb = torch.minimum(a[:, None, 3:], b[None, :, 3:])
+    inter = (rb - lt).clamp(min=0).prod(dim=-1)
+    volume_a = (a[:, 3:] - a[:, :3]).prod(dim=1)
+    volume_b = (b[:, 3:] - b[:, :3]).prod(dim=1)
+    return inter / (volume_a[:, None] + volume_b[None, :] - inter)
 
 
 def hit_quality(pred_boxes: Tensor, gt_boxes: Tensor, rule: HitRule = "iou") -> Tensor:
@@ -85,12 +96,14 @@ def hit_quality(pred_boxes: Tensor, gt_boxes: Tensor, rule: HitRule = "iou") -> 
     _check_boxes("pred_boxes", pred_boxes)
     _check_boxes("gt_boxes", gt_boxes)
     check_hit_rule(rule)
+    if len(pred_boxes) and len(gt_boxes) and pred_boxes.shape[1] != gt_boxes.shape[1]:
+        raise ValueError(f"predictions and lesions must both be 2D or both 3D boxes, got {pred_boxes.shape[1]} and {gt_boxes.shape[1]} coordinates")
     pred = pred_boxes.detach().float()
     gt = gt_boxes.detach().float().to(pred.device)
     if pred.shape[0] == 0 or gt.shape[0] == 0:
         return torch.zeros(pred.shape[0], gt.shape[0], device=pred.device)
     if rule == "iou":
-        return box_iou(pred, gt)
+        return box_iou(pred, gt) if gt.shape[1] == 4 else _box_iou_3d(pred, gt)
     return -_centre_distance_ratio(pred, gt)
 
 
@@ -105,7 +118,8 @@ def hit_matrix(pred_boxes: Tensor, gt_boxes: Tensor, rule: HitRule = "iou", iou_
     """Which prediction hits which lesion under ``rule``.
 
     Args:
-        pred_boxes: (N, 4) predicted boxes, xyxy (pixels, or millimetres for a physical distance).
+        pred_boxes: (N, 4) predicted boxes, xyxy (or (N, 6) xyzxyz for volumes; pixels or voxels, or
+            millimetres for a physical distance).
         gt_boxes: (G, 4) lesion boxes in the same unit.
         rule: ``"iou"`` (IoU >= ``iou_threshold``) or ``"center"`` (centre distance < lesion radius).
         iou_threshold: used by the ``"iou"`` rule only.
@@ -156,7 +170,7 @@ def match_image(
     """Match one image's predictions to its ground-truth lesions.
 
     Args:
-        pred_boxes: (N, 4) predicted boxes, absolute xyxy.
+        pred_boxes: (N, 4) predicted boxes, absolute xyxy (or (N, 6) xyzxyz on a volume).
         pred_scores: (N,) confidence of each prediction.
         gt_boxes: (G, 4) ground-truth boxes, absolute xyxy.
         iou_threshold: minimum IoU for a prediction to hit a lesion (``"iou"`` rule).
