@@ -76,16 +76,6 @@ def _centre_distance_ratio(pred: Tensor, gt: Tensor) -> Tensor:
     return torch.cdist(pred_centre, gt_centre) / radius[None, :]
 
 
-def _box_iou_3d(a: Tensor, b: Tensor) -> Tensor:
-    """(N, G) IoU of xyzxyz boxes (torchvision's box_iou is 2D only)."""
-    lt = torch.maximum(a[:, None, :3], b[None, :, :3])
-    rb = torch.minimum(a[:, None, 3:], b[None, :, 3:])
-    inter = (rb - lt).clamp(min=0).prod(dim=-1)
-    volume_a = (a[:, 3:] - a[:, :3]).prod(dim=1)
-    volume_b = (b[:, 3:] - b[:, :3]).prod(dim=1)
-    return inter / (volume_a[:, None] + volume_b[None, :] - inter)
-
-
 def hit_quality(pred_boxes: Tensor, gt_boxes: Tensor, rule: HitRule = "iou") -> Tensor:
     """How well each prediction fits each lesion under ``rule``, higher is better.
 
@@ -103,7 +93,11 @@ def hit_quality(pred_boxes: Tensor, gt_boxes: Tensor, rule: HitRule = "iou") -> 
     if pred.shape[0] == 0 or gt.shape[0] == 0:
         return torch.zeros(pred.shape[0], gt.shape[0], device=pred.device)
     if rule == "iou":
-        return box_iou(pred, gt) if gt.shape[1] == 4 else _box_iou_3d(pred, gt)
+        if gt.shape[1] == 4:
+            return box_iou(pred, gt)
+        from monai.data.box_utils import box_iou as volume_box_iou  # 3D; MONAI's import costs seconds, so only here
+
+        return volume_box_iou(pred, gt).float()
     return -_centre_distance_ratio(pred, gt)
 
 
