@@ -86,8 +86,10 @@ class LesionDetector(nn.Module):
     Args:
         backbone: module mapping images to an ordered dict of pyramid features, with an
             `out_channels` attribute.
-        rpn: `medrpn.model.rpn.LesionRPN` (torchvision's RPN that also returns proposal scores).
-        roi_heads: torchvision `RoIHeads` (or compatible); None for an RPN-only detector, whose
+        rpn: `medrpn.model.rpn.LesionRPN` (torchvision's RPN that also returns proposal scores),
+            or `medrpn.model.rpn_3d.RPN3D` for volumes.
+        roi_heads: torchvision `RoIHeads` (or compatible: `medrpn.model.roi_heads_3d.RoIHeads3D`
+            for volumes); None for an RPN-only detector, whose
             detections are its proposals (label 0, score = objectness probability).
         pixel_mean, pixel_std: input standardisation.
         cross_class_nms_thresh, containment_thresh: see `DetectorConfig`.
@@ -123,7 +125,8 @@ class LesionDetector(nn.Module):
         return self.roi_heads is None
 
     def forward(self, images: Tensor, targets: list[dict[str, Tensor]] | None = None) -> DetectorOutput:
-        """Runs the detector on a batch of equally sized images.
+        """Runs the detector on a batch of equally sized images (B, C, H, W), or volumes (B, C, X, Y, Z)
+        with boxes xyzxyz (`medrpn.model.detector_3d`).
 
         In training mode `targets` are required and only losses are returned (keys
         `loss_objectness`, `loss_rpn_box_reg`, and without `rpn_only` also `loss_classifier`,
