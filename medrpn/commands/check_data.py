@@ -27,37 +27,17 @@ from collections import Counter
 from typing import Any
 
 import numpy as np
-import torch
-from torchvision.ops import box_iou
 
 from medrpn.commands.check_volume_data import VOLUME_FORMATS, check_volumes
+from medrpn.commands.data_report import DUPLICATE_IOU, count_duplicates, quantiles
 from medrpn.data.annotations import detect_format
 from medrpn.data.datamodule import LesionDataModule
-from medrpn.data.records import Record
 from medrpn.data.splits import SPLITS
 from medrpn.data.transforms import fit_scale
 from medrpn.model.anchor_planning import COVERAGE_IOU, AnchorSetup, anchor_best_iou
 from medrpn.commands.config_parser import config_sections, config_source, parse_training_config, training_config_parser
 
 COVERAGE_WARNING = 0.95
-DUPLICATE_IOU = 0.95
-
-
-def count_duplicates(record: Record) -> int:
-    """Boxes of a record that repeat an earlier box of the same class (IoU >= 0.95)."""
-    if len(record.boxes) < 2:
-        return 0
-    iou = box_iou(torch.as_tensor(record.boxes), torch.as_tensor(record.boxes)).numpy()
-    same = record.labels[:, None] == record.labels[None, :]
-    earlier = np.tril(np.ones_like(iou, dtype=bool), k=-1)
-    return int(np.any((iou >= DUPLICATE_IOU) & same & earlier, axis=1).sum())
-
-
-def _quantiles(values: np.ndarray, unit: str) -> str:
-    if len(values) == 0:
-        return "n/a"
-    q = np.percentile(values, [0, 5, 50, 95, 100])
-    return f"min {q[0]:.1f}, 5% {q[1]:.1f}, median {q[2]:.1f}, 95% {q[3]:.1f}, max {q[4]:.1f} {unit}"
 
 
 def check(config: dict[str, Any], source: str = "config") -> tuple[list[str], list[str]]:
@@ -113,11 +93,11 @@ def check(config: dict[str, Any], source: str = "config") -> tuple[list[str], li
         fitted.append(r.boxes * fit_scale(height, width, dm.image_size))
         labels.append(r.labels)
     px, mm = np.array(sizes_px).reshape(-1, 2), np.array(sizes_mm).reshape(-1, 2)
-    out.append(f"box width     {_quantiles(px[:, 0], 'px')}")
-    out.append(f"box height    {_quantiles(px[:, 1], 'px')}")
+    out.append(f"box width     {quantiles(px[:, 0], 'px')}")
+    out.append(f"box height    {quantiles(px[:, 1], 'px')}")
     if len(mm):
-        out.append(f"box width     {_quantiles(mm[:, 0], 'mm')}")
-        out.append(f"box height    {_quantiles(mm[:, 1], 'mm')}  ({len(mm)} of {len(px)} boxes with a known spacing)")
+        out.append(f"box width     {quantiles(mm[:, 0], 'mm')}")
+        out.append(f"box height    {quantiles(mm[:, 1], 'mm')}  ({len(mm)} of {len(px)} boxes with a known spacing)")
     else:
         out.append("box size mm   unknown: no image states its pixel spacing (set data.read.spacing for PNG/JPEG)")
     counts = problems.counts()
@@ -157,7 +137,7 @@ def check(config: dict[str, Any], source: str = "config") -> tuple[list[str], li
             side = np.sqrt((all_fitted[:, 2] - all_fitted[:, 0]) * (all_fitted[:, 3] - all_fitted[:, 1]))[~covered]
             out.append(
                 f"WARNING       anchor coverage below {COVERAGE_WARNING:.0%}: the uncovered boxes have sides "
-                f"(sqrt area, input px) {_quantiles(side, 'px')}; fit model.anchors.sizes/aspect_ratios to them"
+                f"(sqrt area, input px) {quantiles(side, 'px')}; fit model.anchors.sizes/aspect_ratios to them"
             )
 
     if not dm.splits["train"]:

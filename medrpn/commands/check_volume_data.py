@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from medrpn.commands.data_report import DUPLICATE_IOU, count_duplicates, quantiles
 from medrpn.data.annotations import read_annotations
 from medrpn.data.problems import Problems
 from medrpn.data.records import Record
@@ -24,32 +25,6 @@ from medrpn.data.volume_files import read_volume
 from medrpn.errors import DataError
 
 VOLUME_FORMATS = ("csv3d", "luna16", "masks")
-DUPLICATE_IOU = 0.95
-
-
-def box_iou_3d(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """IoU of (N, 6) and (M, 6) xyzxyz boxes (MONAI's box_iou, which handles 2D and 3D)."""
-    import torch
-    from monai.data.box_utils import box_iou
-
-    return box_iou(torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)).numpy()
-
-
-def count_duplicates(record: Record) -> int:
-    """Boxes of a record that repeat an earlier box of the same class (3D IoU >= 0.95)."""
-    if len(record.boxes) < 2:
-        return 0
-    iou = box_iou_3d(record.boxes, record.boxes)
-    same = record.labels[:, None] == record.labels[None, :]
-    earlier = np.tril(np.ones_like(iou, dtype=bool), k=-1)
-    return int(np.any((iou >= DUPLICATE_IOU) & same & earlier, axis=1).sum())
-
-
-def _quantiles(values: np.ndarray, unit: str) -> str:
-    if len(values) == 0:
-        return "n/a"
-    q = np.percentile(values, [0, 5, 50, 95, 100])
-    return f"min {q[0]:.1f}, 5% {q[1]:.1f}, median {q[2]:.1f}, 95% {q[3]:.1f}, max {q[4]:.1f} {unit}"
 
 
 def check_volumes(data: dict[str, Any], source: str = "config") -> tuple[list[str], list[str]]:
@@ -93,7 +68,7 @@ def check_volumes(data: dict[str, Any], source: str = "config") -> tuple[list[st
     voxels = np.concatenate(extents) if extents else np.zeros((0, 3))
     mm = np.concatenate([e * np.array(scans[r.key]["spacing"]) for e, r in zip(extents, [r for r in usable if len(r.boxes)])]) if extents else np.zeros((0, 3))
     for axis, name in enumerate("xyz"):
-        out.append(f"box {name}         {_quantiles(voxels[:, axis], 'voxels')}; {_quantiles(mm[:, axis], 'mm')}")
+        out.append(f"box {name}         {quantiles(voxels[:, axis], 'voxels')}; {quantiles(mm[:, axis], 'mm')}")
     kinds = problems.counts()
     out.append(f"no boxes      {sum(1 for r in usable if len(r.boxes) == 0)} scans without boxes")
     out.append(
