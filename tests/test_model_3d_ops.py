@@ -60,23 +60,26 @@ def test_boxes_of_several_volumes_come_back_in_batch_order_and_none_is_empty():
     assert roi_align_3d(features, [torch.zeros(0, 6)] * 2, output_size=(2, 2, 2)).shape == (0, 2, 2, 2, 2)
 
 
-def test_monai_anchors_box_coder_and_nms_work_in_medrpns_3d_box_convention():
-    from monai.apps.detection.utils.anchor_utils import AnchorGeneratorWithAnchorShape
+def test_anchors_box_coder_and_nms_work_in_medrpns_3d_box_convention():
     from monai.apps.detection.utils.box_coder import BoxCoder
     from monai.data.box_utils import batched_nms
 
-    # MONAI's base shapes are in feature voxels: 2 x 2 x 1 at stride 4 is an 8 x 8 x 4 anchor
-    generator = AnchorGeneratorWithAnchorShape(feature_map_scales=(4,), base_anchor_shapes=((2, 2, 1),))
+    from medrpn.model.anchors_3d import CellCentredAnchors
+
+    generator = CellCentredAnchors(sizes=((8,),), aspect_ratios=(((1.0, 0.5),),), indexing="ij")
     images = torch.zeros(1, 1, 32, 24, 16)
-    feature = torch.zeros(1, 8, 8, 6, 4)  # stride 4 along every axis
+    feature = torch.zeros(1, 8, 8, 6, 8)  # stride 4 along x and y, 2 along z
     anchors = generator(images, [feature])[0]
-    assert anchors.shape == (8 * 6 * 4, 6)
+    assert anchors.shape == (8 * 6 * 8, 6)
     extent = anchors[:, 3:] - anchors[:, :3]
-    assert torch.allclose(extent, torch.tensor([8.0, 8.0, 4.0]).expand_as(extent))
+    assert torch.allclose(extent, extent[:1].expand_as(extent))
+    assert extent[0, 0] == extent[0, 1] and extent[0, 2] < extent[0, 0]  # w:h:d = 1:1:0.5, MONAI rounds the corners
     centres = (anchors[:, :3] + anchors[:, 3:]) / 2
     # anchors follow the feature map's (x, y, z) order, each centred on its cell: feature voxel
-    # (1, 2, 3) covers input voxels [4, 8) x [8, 12) x [12, 16), centre (6, 10, 14) in edge coordinates
-    assert torch.allclose(centres[(1 * 6 + 2) * 4 + 3], torch.tensor([6.0, 10.0, 14.0]))
+    # (1, 2, 3) covers input voxels [4, 8) x [8, 12) x [6, 8), centre (6, 10, 7) in edge coordinates
+    # (MONAI 1.3 put it at the cell's corner, 1.6 at i x stride + stride // 2)
+    assert torch.allclose(centres[(1 * 6 + 2) * 8 + 3], torch.tensor([6.0, 10.0, 7.0]))
+    assert torch.allclose(centres[0], torch.tensor([2.0, 2.0, 1.0]))
 
     coder = BoxCoder(weights=(1.0,) * 6)
     target = torch.tensor([[3.0, 5.0, 9.0, 13.0, 11.0, 15.0]])

@@ -5,8 +5,8 @@ volumes in, targets with (N, 6) xyzxyz voxel boxes and 0-based labels, `Detector
 
 Volumes are often anisotropic (0.9 x 0.9 x 3 mm MR, 0.7 x 0.7 x 2.5 mm CT): `first_stride` sets
 the stem's stride per axis, so the thick-slice axis is not halved as early as the others.
-Anchors are MONAI's 3D `AnchorGenerator`: per level, sizes (the cube root of the anchor's volume,
-in voxels) and aspect ratios (h/w, d/w) pairs.
+Anchors are MONAI's 3D anchor shapes per level, sizes (the cube root of the anchor's volume, in
+voxels) and aspect ratios ((h/w, d/w) pairs), placed at cell centres by `medrpn.model.anchors_3d`.
 """
 
 from __future__ import annotations
@@ -98,8 +98,7 @@ def build_backbone_3d(config: Backbone3DConfig):
 
 def build_detector_3d(config: Detector3DConfig) -> LesionDetector:
     """The 3D detector of `config` (without a second stage when `config.rpn_only`)."""
-    from monai.apps.detection.utils.anchor_utils import AnchorGenerator
-
+    from medrpn.model.anchors_3d import CellCentredAnchors
     from medrpn.model.roi_heads_3d import RoIHeads3D
     from medrpn.model.rpn_3d import RPN3D
 
@@ -109,7 +108,7 @@ def build_detector_3d(config: Detector3DConfig) -> LesionDetector:
         raise ConfigError(f"the 3D backbone has 4 pyramid levels: give anchors for 4, got {len(config.anchors.sizes)}")
     backbone = build_backbone_3d(config.backbone)
     ratios = [[tuple(pair) for pair in level] for level in config.anchors.aspect_ratios]
-    anchors = AnchorGenerator(sizes=[tuple(level) for level in config.anchors.sizes], aspect_ratios=ratios, indexing="ij")
+    anchors = CellCentredAnchors(sizes=[tuple(level) for level in config.anchors.sizes], aspect_ratios=ratios, indexing="ij")
     rpn = RPN3D(anchors, config.backbone.fpn_channels, config.rpn)
     roi_heads = None if config.rpn_only else RoIHeads3D(config.roi, config.backbone.fpn_channels, config.num_classes + 1)
     return LesionDetector(
