@@ -34,8 +34,15 @@ LOWEST_TESTS ?=
 test-lowest: $(LOWEST_VENV)/.installed conformance-tools
 	NO_ALBUMENTATIONS_UPDATE=1 $(LOWEST_VENV)/bin/python -m pytest -q $(LOWEST_TESTS)
 
-$(LOWEST_VENV)/.installed: pyproject.toml .ci/lowest.txt
-	$(PYTHON) -m venv $(LOWEST_VENV)
+# The floors venv starts as a hard-linked copy of the dev venv's packages (no second copy of
+# torch's 5.5 GB of CUDA libraries on disk: CI ran out of space installing it), then pip moves every
+# pinned package to its floor. pip never writes into an installed file (it removes and adds), so
+# the dev venv is untouched; torch and torchvision are unpinned and stay shared.
+$(LOWEST_VENV)/.installed: $(VENV)/.installed pyproject.toml .ci/lowest.txt
+	rm -rf $(LOWEST_VENV)
+	$(PYTHON) -m venv --without-pip $(LOWEST_VENV)
+	cp -al "$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/." \
+	  "$$($(LOWEST_VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/"
 	$(LOWEST_VENV)/bin/python -m pip install --quiet -e ".[dev]" -c .ci/lowest.txt
 	touch $@
 
