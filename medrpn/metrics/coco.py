@@ -65,20 +65,34 @@ class CocoResult:
         return float(values.mean()) if values.size else float("nan")
 
 
-def _xywh(boxes: np.ndarray) -> np.ndarray:
-    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
-    return np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], axis=1)
+def _xywh(boxes: np.ndarray, width: int) -> np.ndarray:
+    """Corner-and-size boxes (x, y, w, h, or x, y, z, w, h, d for volumes) from corner pairs."""
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, width)
+    half = width // 2
+    return np.concatenate([boxes[:, :half], boxes[:, half:] - boxes[:, :half]], axis=1)
 
 
 def _iou_xywh(d: np.ndarray, g: np.ndarray) -> np.ndarray:
-    """IoU of matching rows of d (..., 4) and g (..., 4), xywh, computed as COCO's C code does."""
-    w = np.minimum(d[..., 0] + d[..., 2], g[..., 0] + g[..., 2]) - np.maximum(d[..., 0], g[..., 0])
-    h = np.minimum(d[..., 1] + d[..., 3], g[..., 1] + g[..., 3]) - np.maximum(d[..., 1], g[..., 1])
-    overlap = (w > 0) & (h > 0)
-    inter = np.where(overlap, w * h, 0.0)
-    union = d[..., 2] * d[..., 3] + g[..., 2] * g[..., 3] - inter
+    """IoU of matching rows of d (..., 2k) and g (..., 2k), corner and size, computed as COCO's C
+    code does for k = 2 (no overlap unless every side overlaps), and the same way in 3D."""
+    k = d.shape[-1] // 2
+    sides = np.minimum(d[..., :k] + d[..., k:], g[..., :k] + g[..., k:]) - np.maximum(d[..., :k], g[..., :k])
+    overlap = (sides > 0).all(axis=-1)
+    inter = np.where(overlap, np.prod(np.where(sides > 0, sides, 0.0), axis=-1), 0.0)
+    union = np.prod(d[..., k:], axis=-1) + np.prod(g[..., k:], axis=-1) - inter
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(overlap, inter / np.where(overlap, union, 1.0), 0.0)
+
+
+def _box_width(*arrays: np.ndarray) -> int:
+    """4 (xyxy) or 6 (xyzxyz volumes) from boxes given as (N, 4) / (N, 6) arrays; 4 when all are flat."""
+    widths = {np.asarray(a).shape[-1] for a in arrays if np.asarray(a).ndim == 2}
+    if len(widths) > 1:
+        raise ValueError(f"predictions and lesions must both be 2D or both 3D boxes, got widths {sorted(widths)}")
+    width = widths.pop() if widths else 4
+    if width not in (4, 6):
+        raise ValueError(f"boxes need 4 (xyxy) or 6 (xyzxyz) coordinates, got {width}")
+    return width
 
 
 def _group_starts(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -107,7 +121,7 @@ def coco_average_precision(
 
     Args:
         pred_image: (N,) image index of each prediction (images are ordered by this index).
-        pred_boxes: (N, 4) xyxy. pred_scores: (N,). pred_labels: (N,) 0-based classes
+        pred_boxes: (N, 4) xyxy, or (N, 6) xyzxyz for volumes (3D IoU). pred_scores: (N,). pred_labels: (N,) 0-based classes
             (labels outside ``0 .. n_classes - 1`` are ignored, as COCO ignores unknown categories).
         gt_image, gt_boxes, gt_labels: the same for the lesions.
         n_classes: number of classes K.
@@ -121,10 +135,11 @@ def coco_average_precision(
     p_img = np.asarray(pred_image, dtype=np.int64).reshape(-1)
     p_lab = np.asarray(pred_labels, dtype=np.int64).reshape(-1)
     p_score = np.asarray(pred_scores, dtype=np.float64).reshape(-1)
-    p_box = _xywh(pred_boxes)
+    box_width = _box_width(pred_boxes, gt_boxes)
+    p_box = _xywh(pred_boxes, box_width)
     g_img = np.asarray(gt_image, dtype=np.int64).reshape(-1)
     g_lab = np.asarray(gt_labels, dtype=np.int64).reshape(-1)
-    g_box = _xywh(gt_boxes)
+    g_box = _xywh(gt_boxes, box_width)
 
     # Detections: by (image, class), best score first, ties in input order; keep max_detections.
     valid = (p_lab >= 0) & (p_lab < n_classes)
@@ -143,7 +158,7 @@ def coco_average_precision(
     group_keys = np.unique(g_key)
     n_groups = len(group_keys)
     width = int(g_slot.max()) + 1 if len(g_slot) else 1
-    padded = np.zeros((n_groups, width, 4))
+    padded = np.zeros((n_groups, width, box_width))
     present = np.zeros((n_groups, width), dtype=bool)
     padded[g_group, g_slot] = g_box[g_order]
     present[g_group, g_slot] = True
@@ -222,12 +237,12 @@ def faster_coco_eval_average_precision(
 
     categories = [{"id": k + 1, "name": str(k)} for k in range(n_classes)]
     images = [{"id": i + 1, "height": 1, "width": 1} for i in range(n_images)]
-    g = _xywh(gt_boxes).tolist()
+    g = _xywh(gt_boxes, 4).tolist()
     annotations = [
         {"id": j + 1, "image_id": int(i) + 1, "category_id": int(c) + 1, "bbox": b, "area": b[2] * b[3], "iscrowd": 0}
         for j, (i, c, b) in enumerate(zip(np.asarray(gt_image).tolist(), np.asarray(gt_labels).tolist(), g))
     ]
-    d = _xywh(pred_boxes).tolist()
+    d = _xywh(pred_boxes, 4).tolist()
     detections = [
         {"image_id": int(i) + 1, "category_id": int(c) + 1, "bbox": b, "score": float(s)}
         for i, c, b, s in zip(

@@ -82,6 +82,8 @@ class DetectionMetrics(Metric):
             centre-within-radius rule).
         froc_iou_threshold: IoU at which a detection hits a lesion (``"iou"`` rule).
         proposal_top_ks: numbers of leading proposals for proposal recall.
+        spatial_dims: 2 (images: boxes xyxy) or 3 (volumes: boxes xyzxyz in voxels, counted per
+            scan: false positives per scan, 3D IoU, sizes as the side of the cube of equal volume).
     """
 
     is_differentiable = False
@@ -94,9 +96,13 @@ class DetectionMetrics(Metric):
         froc_hit_rule: HitRule = "iou",
         froc_iou_threshold: float = 0.3,
         proposal_top_ks: Sequence[int] = PROPOSAL_TOP_KS,
+        spatial_dims: int = 2,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        if spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
+        self.spatial_dims = int(spatial_dims)
         if any(int(k) < 1 for k in proposal_top_ks) or not proposal_top_ks:
             raise ValueError(f"proposal_top_ks must be numbers >= 1, got {list(proposal_top_ks)}")
         self.class_names = list(class_names) if class_names is not None else None
@@ -116,11 +122,13 @@ class DetectionMetrics(Metric):
         """Add a batch (an empty one is fine and keeps every rank's states in step).
 
         Args:
-            preds: per image ``boxes`` (N, 4) xyxy, ``scores`` (N,), ``labels`` (N,) int64.
+            preds: per image ``boxes`` (N, 4) xyxy, ``scores`` (N,), ``labels`` (N,) int64
+                (volumes: (N, 6) xyzxyz voxels).
             targets: per image ``boxes`` (G, 4) xyxy, ``labels`` (G,) int64 (0-based classes).
             proposals: per image RPN proposals (P, 4), best first; omit to skip proposal recall.
             meta: per image the batch meta (``medrpn.data.batch``): ``spacing`` (row, col) mm or
-                None, ``scale`` (network input / original), optional ``patient_id``.
+                None, ``scale`` (network input / original), optional ``patient_id``. Volumes:
+                ``spacing`` (x, y, z) mm per voxel along the box axes, and no ``scale``.
         """
         with _single_threaded():
             self._update(preds, targets, proposals, meta)
@@ -141,25 +149,29 @@ class DetectionMetrics(Metric):
         dev = self.device
         n_img = len(targets)
         meta = meta if meta is not None else [{}] * n_img
-        # per image: unit conversions (network-input pixels -> original pixels -> millimetres)
-        px = torch.ones(n_img, 2)  # original pixels per network-input pixel, (row, col)
-        mm = torch.full((n_img, 2), math.nan)  # millimetres per network-input pixel
+        dims = self.spatial_dims
+        width = 2 * dims
+        # Units per network-input pixel or voxel along each box axis: original pixels, and
+        # millimetres where the spacing is known. 2D spacing is (row, col), boxes are (x=col, y=row).
+        px = torch.ones(n_img, dims)
+        mm = torch.full((n_img, dims), math.nan)
         patients = []
         for i, m in enumerate(meta):
             scale = float(m.get("scale") or 1.0)
             px[i] = 1.0 / scale
             spacing = m.get("spacing")
             if spacing is not None:
-                mm[i] = torch.tensor([float(spacing[0]), float(spacing[1])]) / scale
+                along_axes = [float(v) for v in spacing][::-1] if dims == 2 else [float(v) for v in spacing]
+                mm[i] = torch.tensor(along_axes) / scale
             pid = m.get("patient_id")
             patients.append(patient_hash(pid) if pid not in (None, "") else -1)
 
-        p_boxes = [p["boxes"].detach().float().reshape(-1, 4).to(dev) for p in preds]
-        t_boxes = [t["boxes"].detach().float().reshape(-1, 4).to(dev) for t in targets]
+        p_boxes = [p["boxes"].detach().float().reshape(-1, width).to(dev) for p in preds]
+        t_boxes = [t["boxes"].detach().float().reshape(-1, width).to(dev) for t in targets]
         n_pred = torch.tensor([len(b) for b in p_boxes], dtype=torch.long)
         n_gt = torch.tensor([len(b) for b in t_boxes], dtype=torch.long)
-        pb = torch.cat(p_boxes) if p_boxes else torch.zeros(0, 4, device=dev)
-        gb = torch.cat(t_boxes) if t_boxes else torch.zeros(0, 4, device=dev)
+        pb = torch.cat(p_boxes) if p_boxes else torch.zeros(0, width, device=dev)
+        gb = torch.cat(t_boxes) if t_boxes else torch.zeros(0, width, device=dev)
         ps = torch.cat([p["scores"].detach().float().reshape(-1).to(dev) for p in preds]) if preds else torch.zeros(0, device=dev)
         pl = torch.cat([p["labels"].reshape(-1).long().to(dev) for p in preds]) if preds else torch.zeros(0, dtype=torch.long, device=dev)
         gl = torch.cat([t["labels"].reshape(-1).long().to(dev) for t in targets]) if targets else torch.zeros(0, dtype=torch.long, device=dev)
@@ -168,8 +180,8 @@ class DetectionMetrics(Metric):
 
         # Match in millimetres where the spacing is known (LUNA16's distance is physical; IoU
         # does not change under scaling), one matrix for the whole batch, masked to same image.
-        unit = torch.where(torch.isnan(mm), px, mm).to(dev)  # (n_img, 2) row, col
-        to_unit = unit[:, [1, 0, 1, 0]]
+        unit = torch.where(torch.isnan(mm), px, mm).to(dev)  # (n_img, dims) along the box axes
+        to_unit = torch.cat([unit, unit], dim=1)
         same_image = p_img[:, None] == g_img[None, :]
         quality = hit_quality(pb * to_unit[p_img], gb * to_unit[g_img], self.froc_hit_rule)
         hits = hits_of_quality(quality, self.froc_hit_rule, self.froc_iou_threshold) & same_image
@@ -178,8 +190,10 @@ class DetectionMetrics(Metric):
         iou = quality if self.froc_hit_rule == "iou" else hit_quality(pb, gb, "iou")
         hits50 = (iou >= 0.5) & same_image
 
-        g_px = lesion_size(gb, px.to(dev)[g_img])
-        g_mm = lesion_size(gb, mm.to(dev)[g_img])
+        # lesion_size takes 2D units as (row, col)
+        size_units = (lambda u: u.flip(1)) if dims == 2 else (lambda u: u)
+        g_px = lesion_size(gb, size_units(px.to(dev))[g_img])
+        g_mm = lesion_size(gb, size_units(mm.to(dev))[g_img])
         k = len(self.proposal_top_ks)
         if proposals is None:
             prop_iou = torch.full((len(gl), k), math.nan, device=dev)
@@ -220,14 +234,14 @@ class DetectionMetrics(Metric):
         return DetectionRecords(
             image_group=image_group.reshape(-1).astype(np.int64),
             pred_image=np.repeat(image_ids, s["img_n_pred"]),
-            pred_box=s["pred_box"].reshape(-1, 4),
+            pred_box=s["pred_box"].reshape(-1, 2 * self.spatial_dims),
             pred_score=s["pred_score"],
             pred_label=s["pred_label"],
             pred_fp_any=s["pred_fp_any"].astype(bool),
             pred_fp_cls=s["pred_fp_cls"].astype(bool),
             pred_fp_iou50=s["pred_fp_iou50"].astype(bool),
             gt_image=np.repeat(image_ids, s["img_n_gt"]),
-            gt_box=s["gt_box"].reshape(-1, 4),
+            gt_box=s["gt_box"].reshape(-1, 2 * self.spatial_dims),
             gt_label=s["gt_label"],
             gt_best_any=s["gt_best_any"],
             gt_best_cls=s["gt_best_cls"],

@@ -93,12 +93,18 @@ def hit_quality(pred_boxes: Tensor, gt_boxes: Tensor, rule: HitRule = "iou") -> 
     if pred.shape[0] == 0 or gt.shape[0] == 0:
         return torch.zeros(pred.shape[0], gt.shape[0], device=pred.device)
     if rule == "iou":
-        if gt.shape[1] == 4:
-            return box_iou(pred, gt)
-        from monai.data.box_utils import box_iou as volume_box_iou  # 3D; MONAI's import costs seconds, so only here
-
-        return volume_box_iou(pred, gt).float()
+        return pairwise_iou(pred, gt)
     return -_centre_distance_ratio(pred, gt)
+
+
+def pairwise_iou(a: Tensor, b: Tensor) -> Tensor:
+    """(N, M) IoU of boxes a (N, 4) and b (M, 4) xyxy (torchvision's), or of (N, 6) and (M, 6)
+    xyzxyz volume boxes (MONAI's)."""
+    if a.shape[-1] == 4:
+        return box_iou(a, b)
+    from monai.data.box_utils import box_iou as volume_box_iou  # 3D; MONAI's import costs seconds, so only here
+
+    return volume_box_iou(a, b).float()
 
 
 def hits_of_quality(quality: Tensor, rule: HitRule = "iou", iou_threshold: float = 0.3) -> Tensor:

@@ -6,8 +6,8 @@ proposal methods in general (Hosang et al.), from each lesion's best IoU with th
 proposals: recall at IoU 0.5 for the top 10, 50, 100, 300 and 1000, and average recall (AR)
 over IoU 0.5:0.95 for the top 100, overall and by lesion size.
 
-Lesion size is the side of the square of the same area, sqrt(w * h): in millimetres when the
-pixel spacing is known (small < 10 mm <= medium < 30 mm <= large, DeepLesion's diameter bins),
+Lesion size is the side of the square of the same area, sqrt(w * h) (for volumes the side of the
+cube of the same volume, (w * h * d) ** (1/3)): in millimetres when the pixel spacing is known (small < 10 mm <= medium < 30 mm <= large, DeepLesion's diameter bins),
 else in pixels of the original image (small < 32 px <= medium < 96 px <= large, COCO's bins).
 """
 
@@ -21,6 +21,7 @@ from torch import Tensor
 from torchvision.ops import box_iou
 
 from medrpn.metrics.coco import COCO_IOU_THRESHOLDS
+from medrpn.metrics.froc import pairwise_iou
 
 PROPOSAL_TOP_KS: tuple[int, ...] = (10, 50, 100, 300, 1000)
 SIZE_NAMES: tuple[str, ...] = ("small", "medium", "large")
@@ -78,8 +79,8 @@ def best_proposal_iou_batch(
     """``best_proposal_iou`` for a batch of images at once (a few large operations, not many small ones).
 
     Args:
-        proposals: per image (P_i, 4) proposals, best first.
-        gt_boxes: per image (G_i, 4) lesion boxes.
+        proposals: per image (P_i, 4) proposals, best first ((P_i, 6) for volumes).
+        gt_boxes: per image (G_i, 4) lesion boxes ((G_i, 6) for volumes).
 
     Returns:
         (sum G_i, len(top_ks)) in the order of the images and their lesions.
@@ -87,8 +88,9 @@ def best_proposal_iou_batch(
     if any(k < 1 for k in top_ks):
         raise ValueError(f"top_k must be at least 1, got {top_ks}")
     device = gt_boxes[0].device if gt_boxes else torch.device("cpu")
-    kept = [p.detach().float().reshape(-1, 4)[: max(top_ks)].to(device) for p in proposals]
-    gts = [g.detach().float().reshape(-1, 4).to(device) for g in gt_boxes]
+    width = gt_boxes[0].shape[-1] if gt_boxes and gt_boxes[0].ndim == 2 else 4
+    kept = [p.detach().float().reshape(-1, width)[: max(top_ks)].to(device) for p in proposals]
+    gts = [g.detach().float().reshape(-1, width).to(device) for g in gt_boxes]
     n_prop = torch.tensor([len(p) for p in kept], device=device)
     n_gt = torch.tensor([len(g) for g in gts], device=device)
     if not gts or int(n_gt.sum()) == 0:
@@ -100,7 +102,7 @@ def best_proposal_iou_batch(
     # IoU with every proposal of the batch, zero outside the lesion's own image: a running
     # maximum along the proposals (image by image, best first) then holds, at the c-th proposal
     # of the lesion's image, the best IoU among that image's first c.
-    iou = box_iou(torch.cat(gts), torch.cat(kept)) * (g_img[:, None] == p_img[None, :])
+    iou = pairwise_iou(torch.cat(gts), torch.cat(kept)) * (g_img[:, None] == p_img[None, :])
     running_best = torch.cummax(iou, dim=1).values
     start = torch.cumsum(n_prop, 0) - n_prop
     ks = torch.tensor(top_ks, device=device)
@@ -110,7 +112,11 @@ def best_proposal_iou_batch(
 
 
 def lesion_size(boxes: Tensor, units_per_px: Tensor) -> Tensor:
-    """sqrt(w * h) of boxes (G, 4) in pixels, scaled per box by ``units_per_px`` (G, 2) = (row, col)."""
+    """Lesion sizes: sqrt(w * h) of boxes (G, 4) scaled per box by ``units_per_px`` (G, 2) = (row,
+    col); for volumes (w * h * d) ** (1/3) of boxes (G, 6) scaled by (G, 3) = (x, y, z) units per voxel."""
+    if boxes.shape[-1] == 6:
+        sides = (boxes[:, 3:] - boxes[:, :3]).float() * units_per_px
+        return sides.clamp(min=0).prod(dim=1).pow(1.0 / 3.0)
     w = (boxes[:, 2] - boxes[:, 0]).float() * units_per_px[:, 1]
     h = (boxes[:, 3] - boxes[:, 1]).float() * units_per_px[:, 0]
     return torch.sqrt((w * h).clamp(min=0))
