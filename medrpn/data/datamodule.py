@@ -1,5 +1,10 @@
 """The `LightningDataModule`: annotations in, patient-level splits, checked and cached images, loaders out.
 
+Images and volumes take the same road: annotations with 3D boxes (`csv3d`, `luna16`, `masks`)
+make a module of volumes (`spatial_dims` 3), whose scans are read into memory at setup
+(`medrpn.data.volume_loading`), trained on patches (`patches`) and evaluated whole, one scan per
+batch.
+
 Bad input follows the `on_error` policy, always before the first training step:
 - ``skip``: every problem (bad annotation row, unknown class, box outside its image, missing or
   unreadable image) is logged, the image it touches is left out, and the list is written to
@@ -33,6 +38,8 @@ from medrpn.data.records import Record
 from medrpn.data.sampling import WeightedEpochSampler, check_sampler, sampling_weights
 from medrpn.data.splits import SPLITS, SplitConfig, group_keys, kfold_by_patient, read_split_file, split_by_patient
 from medrpn.data.transforms import AugmentConfig, build_transform
+from medrpn.data.volume_loading import EpochPatchSampler, PatchConfig, TrainingPatches, VolumeStore, WholeVolumes
+from medrpn.data.volume_patches import VolumePatches
 from medrpn.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -69,6 +76,11 @@ class LesionDataModule(L.LightningDataModule):
         sampler: how an epoch draws training images: "random" (each once, shuffled), "balanced"
             (images with and without lesions equally often) or "patient" (every patient equally
             often); see `medrpn.data.sampling`. All of them shard over DDP ranks.
+        patches: how training patches are cut from volumes (3D annotations only; `image_size`,
+            `augment`, `read`, `cache` and `sampler` are for images).
+
+    Attributes:
+        spatial_dims: 2 (images) or 3 (volumes), from the annotations; linked to the model.
     """
 
     def __init__(
@@ -90,6 +102,7 @@ class LesionDataModule(L.LightningDataModule):
         cache: CacheConfig = CacheConfig(),
         on_error: str = "skip",
         sampler: str = "random",
+        patches: PatchConfig = PatchConfig(),
     ) -> None:
         super().__init__()
         check_sampler(sampler)
@@ -99,6 +112,7 @@ class LesionDataModule(L.LightningDataModule):
         self.read = ReadConfig.parse(read)
         self.split = _as(SplitConfig, split)
         self.cache_config = _as(CacheConfig, cache)
+        self.patches = _as(PatchConfig, patches)
         self.problems = Problems(on_error)
         self.save_hyperparameters(
             {
@@ -119,6 +133,7 @@ class LesionDataModule(L.LightningDataModule):
                 "cache": asdict(self.cache_config),
                 "on_error": on_error,
                 "sampler": sampler,
+                "patches": asdict(self.patches),
             },
             logger=False,
         )
@@ -128,11 +143,22 @@ class LesionDataModule(L.LightningDataModule):
         self.records, self.class_names = read_annotations(
             Path(annotations), class_names, format, self.problems, image_dir, self.fusion, self.read
         )
-        keys = group_keys(self.records, self.split.group_blocks, max_decoded_bytes=self.read.max_decoded_bytes)
+        self.spatial_dims = self._spatial_dims(self.records, annotations)
+        keys = group_keys(
+            self.records, self.split.group_blocks, read_dicom=self.spatial_dims == 2, max_decoded_bytes=self.read.max_decoded_bytes
+        )
         self.groups = dict(zip((r.key for r in self.records), keys))
         self.splits = self._split(self.records)
         self.images = ImageCache(self.cache_config, self.read, image_size)
+        self.volumes = VolumeStore()
         self._checked = False
+
+    @staticmethod
+    def _spatial_dims(records: list[Record], annotations: str) -> int:
+        dims = {r.spatial_dims for r in records}
+        if len(dims) > 1:
+            raise DataError(Path(annotations), "mixes 2D boxes (images) and 3D boxes (volumes); use one kind per dataset")
+        return dims.pop() if dims else 2
 
     def _split(self, records: list[Record]) -> dict[str, list[Record]]:
         hp = self.hparams
@@ -161,6 +187,9 @@ class LesionDataModule(L.LightningDataModule):
         if self._checked:
             return
         records = [r for name in SPLITS for r in self.splits[name]]
+        if self.spatial_dims == 3:
+            self._check_volumes(records)
+            return
         estimate = len(records) * self.image_size**2 * 2 * self.read.channels / 2**20
         if self.cache_config.mode == "memory" and keep:
             log.info("Caching %d images in memory (about %.0f MiB)", len(records), estimate)
@@ -181,8 +210,22 @@ class LesionDataModule(L.LightningDataModule):
         self.splits = {name: [r for r in part if r.key not in bad] for name, part in self.splits.items()}
         self._checked = True
 
+    def _check_volumes(self, records: list[Record]) -> None:
+        """Reads every scan once into memory (`VolumeStore`); an unreadable one leaves its split."""
+        log.info("Reading %d volumes into memory", len(records))
+
+        def unreadable(record: Record, error: DataError) -> None:
+            kind = "missing_image" if error.reason == "file not found" else "unreadable_image"
+            self.problems.add(kind, error, record.key)
+
+        self.volumes.fill(records, unreadable)
+        log.info("Volumes in memory: %.0f MiB", self.volumes.nbytes / 2**20)
+        bad = self.problems.images
+        self.splits = {name: [r for r in part if r.key not in bad] for name, part in self.splits.items()}
+        self._checked = True
+
     def _report_dir(self) -> Path:
-        trainer = getattr(self, "_trainer", None)
+        trainer = self.trainer  # None outside a Trainer
         root = getattr(trainer, "default_root_dir", None) if trainer is not None else None
         return Path(root) if root else Path.cwd()
 
@@ -191,7 +234,7 @@ class LesionDataModule(L.LightningDataModule):
         if self._checked:
             return
         self.check_images()
-        trainer = getattr(self, "_trainer", None)
+        trainer = self.trainer  # None outside a Trainer
         if len(self.problems) and (trainer is None or trainer.is_global_zero):
             report = self.problems.write_report(self._report_dir() / REPORT_NAME)
             log.warning(
@@ -206,7 +249,30 @@ class LesionDataModule(L.LightningDataModule):
         augment = self.augment if split == "train" else None
         return DetectionDataset(self.splits[split], build_transform(self.image_size, augment), self.image_size, self.images)
 
+    def _volume_loader(self, split: str) -> DataLoader:
+        """Patches for training; whole scans, one per batch, for evaluation."""
+        if split != "train":
+            dataset = WholeVolumes(self.splits[split], self.volumes)
+            return DataLoader(dataset, batch_size=1, num_workers=0, collate_fn=collate_detection)
+        p = self.patches
+        seed = int(os.environ.get("PL_GLOBAL_SEED", 0))  # seed_everything's, equal on every rank
+        patches = VolumePatches(
+            self.splits["train"], tuple(p.size), p.positive_fraction, p.per_volume, p.flip, seed, self.volumes.arrays
+        )
+        trainer = self.trainer
+        replicas, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        return DataLoader(
+            TrainingPatches(patches),
+            batch_size=self.batch_size,
+            sampler=EpochPatchSampler(len(patches), seed, replicas, rank),
+            num_workers=self.num_workers,
+            collate_fn=collate_detection,
+            persistent_workers=self.num_workers > 0,
+        )
+
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        if self.spatial_dims == 3:
+            return self._volume_loader(split)
         dataset = self.dataset(split)
         sampler = self._weighted_sampler(dataset) if split == "train" and self.sampler != "random" else None
         return DataLoader(

@@ -15,7 +15,7 @@ the batch contract of the 2D data (`medrpn.data.records`) with a third axis.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -44,6 +44,11 @@ class VolumePatches(Dataset):
         samples_per_volume: patches drawn from each volume per epoch.
         flip: flip patches at random along each axis.
         seed: seed of the crops and flips (each item derives its own from it).
+        volumes: the records' voxels already scaled (`scale_to_unit`), by record key; by default
+            each volume is read on first use and kept.
+
+    Index i + e * len(self) is item i drawn for epoch `epoch + e` (`EpochPatchSampler` yields
+    such indices, so every epoch gets new crops in worker processes too).
     """
 
     def __init__(
@@ -54,6 +59,7 @@ class VolumePatches(Dataset):
         samples_per_volume: int = 4,
         flip: bool = True,
         seed: int = 0,
+        volumes: Mapping[str, np.ndarray] | None = None,
     ) -> None:
         if any(r.spatial_dims != 3 for r in records):
             raise ConfigError("VolumePatches takes volume records (boxes x1, y1, z1, x2, y2, z2)")
@@ -66,7 +72,7 @@ class VolumePatches(Dataset):
         self.flip = flip
         self.seed = seed
         self.epoch = 0
-        self._volumes: dict[str, np.ndarray] = {}
+        self._volumes: dict[str, np.ndarray] = {} if volumes is None else volumes  # type: ignore[assignment]
 
     def __len__(self) -> int:
         return len(self.records) * self.samples_per_volume
@@ -80,13 +86,15 @@ class VolumePatches(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         from monai.apps.detection.transforms.dictionary import RandCropBoxByPosNegLabeld, RandFlipBoxd
 
+        later, index = divmod(index, len(self))
         record = self.records[index // self.samples_per_volume]
-        rng_seed = (self.seed, self.epoch, index)
+        rng_seed = (self.seed, self.epoch + later, index)
         image = self.volume(record)[None]
         data = {"image": image, "boxes": record.boxes.astype(np.float32), "labels": record.labels.astype(np.int64)}
         if len(record.boxes):
+            size = tuple(min(p, n) for p, n in zip(self.patch_size, image.shape[1:]))  # MONAI refuses a larger crop
             crop = RandCropBoxByPosNegLabeld(
-                "image", "boxes", "labels", self.patch_size, pos=self.positive_fraction,
+                "image", "boxes", "labels", size, pos=self.positive_fraction,
                 neg=1.0 - self.positive_fraction, num_samples=1, whole_box=True,
             )
             crop.set_random_state(seed=_seed(rng_seed, 0))

@@ -76,6 +76,35 @@ class Detector3DConfig:
     rpn_only: bool = False
 
 
+@dataclass
+class VolumeModelConfig:
+    """The 3D model's own settings, beside the RPN and RoI settings it shares with the 2D one: its
+    backbone and anchors, and the windows it runs whole scans in (`medrpn.model.sliding_window_3d`).
+
+    Attributes:
+        backbone: the 3D ResNet + FPN.
+        anchors: 3D anchors per pyramid level.
+        window: window size along x, y, z in voxels for whole scans (clipped to the scan).
+        window_overlap: share of a window its neighbours overlap; a lesion is found whole in some
+            window when the overlap in voxels exceeds its size.
+    """
+
+    backbone: Backbone3DConfig = field(default_factory=Backbone3DConfig)
+    anchors: Anchor3DConfig = field(default_factory=Anchor3DConfig)
+    window: list[int] = field(default_factory=lambda: [64, 64, 32])
+    window_overlap: float = 0.5
+
+    def __post_init__(self) -> None:
+        if isinstance(self.backbone, dict):
+            self.backbone = Backbone3DConfig(**self.backbone)
+        if isinstance(self.anchors, dict):
+            self.anchors = Anchor3DConfig(**self.anchors)
+        if len(self.window) != 3 or min(self.window) < 1:
+            raise ConfigError(f"model.volume.window needs 3 positive voxel counts (x, y, z), got {self.window}")
+        if not 0 <= self.window_overlap < 1:
+            raise ConfigError(f"model.volume.window_overlap must be in [0, 1), got {self.window_overlap}")
+
+
 def build_backbone_3d(config: Backbone3DConfig):
     """MONAI's 3D ResNet (basic blocks) with an FPN on stages 1-3 (levels "0", "1", "2", and "pool",
     MONAI's max-pooled top level)."""

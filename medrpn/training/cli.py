@@ -44,6 +44,7 @@ def configure_parser(parser) -> None:
     """medrpn's links and defaults on a parser of the training config (`medrpn fit`'s, and the
     one the other commands read the same config with: `medrpn.commands.config_parser`)."""
     parser.link_arguments("data.class_names", "model.class_names", apply_on="instantiate")
+    parser.link_arguments("data.spatial_dims", "model.spatial_dims", apply_on="instantiate")  # 3 for 3D annotations
     # Every run is tracked in MLflow (an SQLite file in the working directory unless the
     # config names a server), and the checkpoint with the best validation CPM is kept.
     parser.set_defaults(
@@ -189,10 +190,13 @@ def _print_fit_summary(trainer, best: str | None, test_metrics: dict[str, float]
             value = test_metrics.get(f"test/{key}", math.nan)
             return "n/a" if math.isnan(value) else f"{value:.3f}"
 
+        module = trainer.lightning_module
+        volumes = getattr(module, "spatial_dims", 2) == 3  # counted per scan, no proposal recall yet
         lines.append(
-            f"  held-out test   FROC sensitivity at 1 FP/image = {fmt('froc_1fp')}, CPM = {fmt('cpm')} "
-            f"({hit_rule_label(trainer.lightning_module.hparams.froc_hit_rule, trainer.lightning_module.hparams.froc_iou_threshold)}), "
-            f"CPM at IoU >= 0.5 = {fmt('cpm_iou50')}, mAP@0.5 = {fmt('map50')}, RPN recall@100 = {fmt('rpn_recall100')}"
+            f"  held-out test   FROC sensitivity at 1 FP/{'scan' if volumes else 'image'} = {fmt('froc_1fp')}, CPM = {fmt('cpm')} "
+            f"({hit_rule_label(module.hparams.froc_hit_rule, module.hparams.froc_iou_threshold)}), "
+            f"CPM at IoU >= 0.5 = {fmt('cpm_iou50')}, mAP@0.5 = {fmt('map50')}"
+            + ("" if volumes else f", RPN recall@100 = {fmt('rpn_recall100')}")
         )
     print("\n".join(lines), flush=True)
 

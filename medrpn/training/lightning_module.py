@@ -11,6 +11,12 @@ top-level key `operating_point` (plain floats) and the MLflow run they belong to
 `mlflow_run`. The test epoch (the final evaluation) adds bootstrap intervals, applies the stored
 operating point, and logs the table and plots as artifacts under `evaluation/test`.
 
+Volumes (`spatial_dims: 3`, linked from the data module when the annotations are 3D): the
+detector is the 3D one (`model.volume`: backbone, anchors, and the windows whole scans are run
+in), trained on the data module's patches; validation and test run each whole scan window by
+window (`medrpn.model.sliding_window_3d`) and count per scan (FROC per scan, 3D IoU, 3D mAP).
+Proposal recall is not measured on volumes yet (proposals are not merged across windows).
+
 RPN-only (`rpn_only: true`): the detector has no second stage, trains on the RPN losses alone,
 and is evaluated on its proposals as class-agnostic detections of one class, `RPN_ONLY_CLASS`
 (every lesion counts as that class): FROC/CPM and mAP of the candidates, and proposal recall.
@@ -45,6 +51,7 @@ from medrpn.model import (
     RPNConfig,
     build_detector,
 )
+from medrpn.model.detector_3d import Detector3DConfig, VolumeModelConfig, build_detector_3d
 from medrpn.training.tracking import logger_tracking_uri, mlflow_logger
 
 log = logging.getLogger(__name__)
@@ -57,11 +64,16 @@ warnings.filterwarnings("ignore", message=r".*when logging on epoch level in dis
 
 # Settings that decide the shape or meaning of the weights: a checkpoint only fits a model with
 # the same ones (thresholds, NMS and the optimiser may differ).
-_MODEL_SHAPE_KEYS = ("class_names", "backbone", "anchors", "rpn", "roi", "pixel_mean", "pixel_std", "rpn_only")
+_MODEL_SHAPE_KEYS = (
+    "class_names", "spatial_dims", "backbone", "anchors", "volume", "rpn", "roi", "pixel_mean", "pixel_std", "rpn_only"
+)
 _SHAPE_FIELDS = {
     "rpn": ("objectness", "conv_depth"),
     "roi": ("output_size", "sampling_ratio", "representation_size", "context_scale"),
+    "volume": ("backbone", "anchors"),
 }
+# Settings that come from the data, never from a checkpoint (on_load_checkpoint refuses others).
+_FROM_DATA = ("class_names", "spatial_dims")
 # Settings only training reads (anchor matching, sampling, losses, optimiser): nothing to say about
 # them when a checkpoint is only evaluated.
 _TRAINING_ONLY = (
@@ -104,7 +116,7 @@ def checkpoint_model_settings(saved: dict[str, Any], given: dict[str, Any], resu
     """
     taken: dict[str, Any] = {}
     for key in (*_MODEL_SHAPE_KEYS, *(("optim",) if resume else ())):
-        if key == "class_names" or key not in saved:
+        if key in _FROM_DATA or key not in saved:
             continue
         value = saved[key]
         if key in _SHAPE_FIELDS and isinstance(value, dict):
@@ -216,8 +228,16 @@ class LesionDetectionModule(L.LightningModule):
         operating_fp_per_image: float = 1.0,
         bootstrap_samples: int = 1000,
         init_weights: str | None = None,
+        spatial_dims: int = 2,
+        volume: VolumeModelConfig = VolumeModelConfig(),
     ) -> None:
         super().__init__()
+        if spatial_dims not in (2, 3):
+            raise ConfigError(f"spatial_dims must be 2 (images) or 3 (volumes), got {spatial_dims}")
+        self.spatial_dims = int(spatial_dims)
+        self.volume = _as(VolumeModelConfig, volume)
+        if anchors == AUTO and self.spatial_dims == 3:
+            raise ConfigError("anchors: 'auto' is planned for images only so far; for volumes give model.volume.anchors")
         if anchors == AUTO:
             raise ConfigError(
                 "anchors: 'auto' is planned from the training boxes by the medrpn command; in Python, "
@@ -226,7 +246,7 @@ class LesionDetectionModule(L.LightningModule):
         self.rpn_only = bool(rpn_only)
         # the classes the model reports; the data's names stay in the hyperparameters
         self.class_names = [RPN_ONLY_CLASS] if self.rpn_only else list(class_names)
-        self.detector_config = DetectorConfig(
+        config = DetectorConfig(
             num_classes=len(self.class_names),
             backbone=_as(BackboneConfig, backbone),
             anchors=_as(AnchorConfig, anchors),
@@ -238,9 +258,22 @@ class LesionDetectionModule(L.LightningModule):
             containment_thresh=containment_thresh,
             rpn_only=self.rpn_only,
         )
+        self.detector_config: DetectorConfig | Detector3DConfig = config
+        if self.spatial_dims == 3:
+            self.detector_config = Detector3DConfig(
+                num_classes=len(self.class_names),
+                backbone=self.volume.backbone,
+                anchors=self.volume.anchors,
+                rpn=config.rpn,
+                roi=config.roi,
+                pixel_mean=pixel_mean,
+                pixel_std=pixel_std,
+                cross_class_nms_thresh=cross_class_nms_thresh,
+                containment_thresh=containment_thresh,
+                rpn_only=self.rpn_only,
+            )
         self.loss_names = RPN_LOSS_NAMES if self.rpn_only else LOSS_NAMES
         self.optim = _as(OptimConfig, optim)
-        config = self.detector_config
         self.save_hyperparameters(
             {
                 "class_names": list(class_names),
@@ -260,17 +293,24 @@ class LesionDetectionModule(L.LightningModule):
                 "operating_fp_per_image": operating_fp_per_image,
                 "bootstrap_samples": bootstrap_samples,
                 "init_weights": None if init_weights is None else str(init_weights),
+                "spatial_dims": self.spatial_dims,
+                "volume": asdict(self.volume),
             },
             logger=False,
         )
-        self.model = build_detector(config)
+        self.model = build_detector_3d(self.detector_config) if self.spatial_dims == 3 else build_detector(config)
         check_hit_rule(froc_hit_rule)
         if operating_fp_per_image < 0:
             raise ValueError(f"operating_fp_per_image must be >= 0, got {operating_fp_per_image}")
         self.operating_fp_per_image = float(operating_fp_per_image)
         self.bootstrap_samples = int(bootstrap_samples)
         self.init_weights = None if init_weights is None else str(init_weights)
-        metric_args = dict(class_names=self.class_names, froc_hit_rule=froc_hit_rule, froc_iou_threshold=froc_iou_threshold)
+        metric_args = dict(
+            class_names=self.class_names,
+            froc_hit_rule=froc_hit_rule,
+            froc_iou_threshold=froc_iou_threshold,
+            spatial_dims=self.spatial_dims,
+        )
         self.val_metrics = DetectionMetrics(**metric_args)
         self.test_metrics = DetectionMetrics(**metric_args)
         # set by each validation epoch, saved in checkpoints, restored from them
@@ -287,8 +327,20 @@ class LesionDetectionModule(L.LightningModule):
                 print(report.summary(), flush=True)
 
     def forward(self, images: Tensor) -> DetectorOutput:
-        """Detections and proposals for a batch of images (eval mode)."""
+        """Detections and proposals for a batch of images or volume patches (eval mode)."""
         return self.model(images)
+
+    def detect_scan(self, volume: Tensor) -> dict[str, Tensor]:
+        """Findings on a whole scan (C, X, Y, Z), window by window (`model.volume.window`), merged
+        in scan voxels (eval mode): {"boxes" (N, 6), "scores", "labels"}."""
+        from medrpn.model.sliding_window_3d import detect_by_windows
+
+        return detect_by_windows(
+            lambda window: self.model(window[None]).detections[0],
+            volume,
+            window=tuple(self.volume.window),
+            overlap=self.volume.window_overlap,
+        )
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         images, targets = batch["images"], batch["targets"]
@@ -324,10 +376,13 @@ class LesionDetectionModule(L.LightningModule):
         if len(batch["images"]) == 0:  # every file unreadable: an empty update keeps DDP ranks in step
             metrics.update([], [], [], [])
             return
-        out = self.model(batch["images"])
         targets = batch["targets"]
         if self.rpn_only:  # class-agnostic: every lesion is one of the candidates' class
             targets = [{**t, "labels": torch.zeros_like(t["labels"])} for t in targets]
+        if self.spatial_dims == 3:  # whole scans: no merged proposals, so no proposal recall
+            metrics.update([self.detect_scan(volume) for volume in batch["images"]], targets, None, batch.get("meta"))
+            return
+        out = self.model(batch["images"])
         metrics.update(out.detections, targets, out.proposals, batch.get("meta"))
 
     def on_validation_epoch_end(self) -> None:

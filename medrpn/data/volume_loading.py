@@ -1,0 +1,156 @@
+"""Volumes for `LesionDataModule`: read and checked once, then patches for training and whole
+scans for evaluation, in the batch format of `medrpn.data.batch` with a third axis.
+
+- `VolumeStore` reads every scan of the splits before the first step, scales it to [0, 1]
+  (`scale_to_unit`) and keeps it in memory; a scan whose voxels cannot be read (truncated,
+  corrupt, too large) is a data problem of that scan, reported and left out under `on_error:
+  skip`. Headers were already read with the annotations.
+- Training: `VolumePatches` crops (balanced between lesion and background, flipped), drawn anew
+  every epoch through `EpochPatchSampler`, which also shards them over DDP ranks.
+- Evaluation: `WholeVolumes`, one scan per batch, with its spacing (x, y, z mm, along the box
+  axes) and patient, for metrics per scan; the model runs it window by window.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from medrpn.data.records import Record
+from medrpn.data.volume_files import read_volume
+from medrpn.data.volume_patches import VolumePatches, scale_to_unit
+from medrpn.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PatchConfig:
+    """How training patches are drawn from volumes (used only when the annotations are 3D).
+
+    Attributes:
+        size: patch size along x, y, z in voxels (a scan smaller along an axis is not cropped there).
+        per_volume: patches drawn from each training volume per epoch.
+        positive_fraction: share of patches centred in a lesion (scans with lesions).
+        flip: flip patches at random along each axis.
+    """
+
+    size: list[int] = field(default_factory=lambda: [64, 64, 32])
+    per_volume: int = 4
+    positive_fraction: float = 0.5
+    flip: bool = True
+
+    def __post_init__(self) -> None:
+        if len(self.size) != 3 or min(self.size) < 1:
+            raise ConfigError(f"data.patches.size needs 3 positive voxel counts (x, y, z), got {self.size}")
+        if self.per_volume < 1:
+            raise ConfigError(f"data.patches.per_volume must be >= 1, got {self.per_volume}")
+        if not 0 <= self.positive_fraction <= 1:
+            raise ConfigError(f"data.patches.positive_fraction must be in [0, 1], got {self.positive_fraction}")
+
+
+class VolumeStore:
+    """Every scan's voxels, scaled to [0, 1], read once and kept (by record key), with its spacing."""
+
+    def __init__(self) -> None:
+        self.arrays: dict[str, np.ndarray] = {}
+        self.spacings: dict[str, tuple[float, float, float]] = {}
+
+    def fill(self, records: Sequence[Record], unreadable: Callable[[Record, DataError], None]) -> None:
+        """Reads the scans not yet held; calls `unreadable` for each one that cannot be read."""
+        for record in records:
+            if record.key in self.arrays:
+                continue
+            try:
+                volume = read_volume(record.image_path)
+            except DataError as error:
+                unreadable(record, error)
+                continue
+            self.arrays[record.key] = scale_to_unit(volume.array)
+            self.spacings[record.key] = volume.spacing
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.arrays.values())
+
+
+class EpochPatchSampler(Sampler[int]):
+    """Every patch index once per epoch, shuffled by (seed, epoch) and sharded over DDP ranks
+    (padded by repeating the first ones so every rank gets as many), as index + epoch x n, so
+    that `VolumePatches` draws the epoch's own crops. Lightning calls `set_epoch` each epoch.
+    """
+
+    def __init__(self, n: int, seed: int = 0, num_replicas: int = 1, rank: int = 0) -> None:
+        self.n, self.seed, self.num_replicas, self.rank = n, seed, num_replicas, rank
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return math.ceil(self.n / self.num_replicas)
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        order = torch.randperm(self.n, generator=generator).tolist()
+        order += order[: len(self) * self.num_replicas - self.n]
+        return iter(self.epoch * self.n + i for i in order[self.rank :: self.num_replicas])
+
+
+class TrainingPatches(Dataset):
+    """`VolumePatches` in the batch format, each patch zero-padded at its high end to the full
+    patch size (a scan smaller than a patch along an axis), so that patches stack into a batch;
+    a scan that fails after all as None (reported)."""
+
+    def __init__(self, patches: VolumePatches) -> None:
+        self.patches = patches
+
+    def __len__(self) -> int:
+        return len(self.patches)
+
+    def __getitem__(self, index: int) -> dict[str, Any] | None:
+        try:
+            image, target = self.patches[index]
+        except DataError as error:
+            log.warning("Skipping a patch of unreadable volume %s: %s", error.path, error.reason)
+            return None
+        short = [max(0, size - n) for size, n in zip(self.patches.patch_size, image.shape[1:])]
+        if any(short):
+            image = torch.nn.functional.pad(image, [0, short[2], 0, short[1], 0, short[0]])
+        return {"image": image, "target": target, "meta": {}}
+
+
+class WholeVolumes(Dataset):
+    """Whole scans for evaluation: image (1, X, Y, Z), target in scan voxels, meta with the spacing."""
+
+    def __init__(self, records: Sequence[Record], store: VolumeStore) -> None:
+        self.records = list(records)
+        self.store = store
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict[str, Any] | None:
+        record = self.records[index]
+        array = self.store.arrays.get(record.key)
+        if array is None:  # left out at setup (reported there)
+            return None
+        return {
+            "image": torch.from_numpy(array[None]),
+            "target": {"boxes": torch.as_tensor(record.boxes, dtype=torch.float32).reshape(-1, 6),
+                       "labels": torch.as_tensor(record.labels, dtype=torch.int64)},
+            "meta": {
+                "path": str(record.image_path),
+                "scale": 1.0,
+                "spacing": self.store.spacings[record.key],
+                "original_size": tuple(array.shape),
+                "patient_id": record.patient_id,
+            },
+        }

@@ -1,0 +1,126 @@
+"""`medrpn fit` on volumes, as a user runs it: 3D annotations (csv3d, DICOM series and NIfTI
+phantoms) make the data module one of volumes, the model the 3D detector, training runs on
+patches and validation and test on whole scans, counted per scan; one truncated scan is reported
+and left out, not fatal."""
+
+from __future__ import annotations
+
+import csv
+import gzip
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from medrpn.data.synth_volumes import write_synthetic_volumes
+from medrpn.data.volume_loading import EpochPatchSampler, PatchConfig, TrainingPatches
+from medrpn.data.volume_patches import VolumePatches
+from medrpn.errors import ConfigError
+from tests.trained_run import REPO, medrpn
+
+
+@pytest.fixture(scope="module")
+def volume_run(tmp_path_factory: pytest.TempPathFactory):
+    work = tmp_path_factory.mktemp("volume_fit")
+    write_synthetic_volumes(work / "data", n_volumes=7, shape=(48, 48, 16), seed=3)
+    annotations = work / "data" / "annotations.csv"
+    with open(annotations) as f:
+        rows = list(csv.DictReader(f))
+    broken = next(work / "data" / r["image"] for r in rows if r["image"].endswith(".nii.gz"))
+    # a scan whose header reads but whose voxels stop short: found at setup, reported, left out
+    data = gzip.decompress(broken.read_bytes())
+    broken.write_bytes(gzip.compress(data[: len(data) // 2]))
+    config = work / "config.yaml"
+    config.write_text(
+        (REPO / "configs" / "synth_volumes.yaml").read_text()
+        .replace("demo/volumes/annotations.csv", str(annotations))
+        .replace("window: [64, 64, 32]", "window: [40, 40, 16]")
+        .replace("size: [48, 48, 16]", "size: [32, 32, 16]")
+        .replace("num_workers: 2", "num_workers: 0")
+        .replace("batch_size: 4", "batch_size: 2")
+        .replace("val_fraction: 0.15", "val_fraction: 0.2")
+        .replace("test_fraction: 0.25", "test_fraction: 0.3")
+    )
+    result = medrpn(
+        "fit", "--config", str(config),
+        "--trainer.max_epochs", "1", "--trainer.check_val_every_n_epoch", "1", "--trainer.limit_train_batches", "3",
+        "--model.bootstrap_samples", "50",
+        cwd=work,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    return work, broken, output
+
+
+def test_fit_on_volumes_trains_the_3d_detector_and_counts_per_scan(volume_run):
+    work, _, output = volume_run
+    assert "held-out test   FROC sensitivity at 1 FP/scan" in output
+    ckpt = work / "demo" / "volume_checkpoints" / "best.ckpt"
+    checkpoint = torch.load(ckpt, map_location="cpu", weights_only=True)
+    hp = checkpoint["hyper_parameters"]
+    assert hp["spatial_dims"] == 3 and hp["volume"]["window"] == [40, 40, 16]
+    assert "operating_point" in checkpoint  # picked per scan on the validation scans
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{work / 'mlruns.db'}")
+    run = client.search_runs([client.get_experiment_by_name("medrpn-volumes").experiment_id])[0]
+    for key in ("val/cpm", "test/cpm", "test/map50", "train/loss_epoch"):
+        assert key in run.data.metrics, sorted(run.data.metrics)
+    assert "test/rpn_recall100" not in run.data.metrics  # not measured on volumes: not logged as a number
+
+
+def test_a_truncated_scan_is_reported_and_left_out(volume_run):
+    work, broken, _ = volume_run
+    report = (work / "demo" / "volume_runs" / "data_problems.csv").read_text()
+    assert str(broken) in report and "truncated or corrupt" in report
+
+
+def test_the_trained_module_finds_lesions_on_a_whole_scan_in_scan_voxels(volume_run):
+    from medrpn.data.volume_files import read_volume
+    from medrpn.data.volume_patches import scale_to_unit
+    from medrpn.training.lightning_module import module_from_checkpoint
+
+    work, broken, _ = volume_run
+    module = module_from_checkpoint(work / "demo" / "volume_checkpoints" / "best.ckpt")
+    scan = next(p for p in sorted((work / "data" / "volumes").iterdir()) if p != broken)
+    volume = read_volume(scan)
+    with torch.no_grad():
+        found = module.detect_scan(torch.from_numpy(scale_to_unit(volume.array))[None])
+    assert found["boxes"].shape[1] == 6 and len(found["boxes"]) == len(found["scores"]) == len(found["labels"])
+    if len(found["boxes"]):
+        assert (found["boxes"][:, :3] >= -1).all()
+        assert (found["boxes"][:, 3:] <= torch.tensor(volume.shape, dtype=torch.float32) + 1).all()
+        assert (found["scores"][:-1] >= found["scores"][1:]).all()
+
+
+def test_the_epoch_sampler_shards_every_patch_once_and_reshuffles_each_epoch():
+    ranks = [EpochPatchSampler(10, seed=1, num_replicas=3, rank=r) for r in range(3)]
+    first = [list(s) for s in ranks]
+    assert all(len(part) == 4 for part in first)  # padded to 12, 4 each
+    assert set(sum(first, [])) == set(range(10))
+    for s in ranks:
+        s.set_epoch(2)
+    second = [list(s) for s in ranks]
+    assert set(sum(second, [])) == set(range(20, 30))  # epoch 2's items
+    assert [i - 20 for i in second[0]] != first[0]
+
+
+def test_patches_of_a_scan_smaller_than_the_patch_are_padded_to_stack(tmp_path: Path):
+    from medrpn.data.annotations import read_annotations
+
+    write_synthetic_volumes(tmp_path, n_volumes=2, shape=(40, 40, 16), seed=5)
+    records, _ = read_annotations(tmp_path / "annotations.csv")
+    patches = TrainingPatches(VolumePatches(records, (32, 32, 24), samples_per_volume=2, seed=0))
+    items = [patches[i] for i in range(len(patches))]
+    assert all(tuple(item["image"].shape) == (1, 32, 32, 24) for item in items)
+    assert all(item["target"]["boxes"].shape[1] == 6 for item in items)
+    # the padding is zeros beyond the scan's 16 slices
+    assert float(items[0]["image"][..., 16:].abs().sum()) == 0.0 and float(items[0]["image"][..., :16].sum()) > 0
+
+
+def test_patch_settings_are_checked():
+    with pytest.raises(ConfigError, match="patches.size"):
+        PatchConfig(size=[32, 32])
+    with pytest.raises(ConfigError, match="positive_fraction"):
+        PatchConfig(positive_fraction=1.5)
