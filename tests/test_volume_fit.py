@@ -124,3 +124,58 @@ def test_patch_settings_are_checked():
         PatchConfig(size=[32, 32])
     with pytest.raises(ConfigError, match="positive_fraction"):
         PatchConfig(positive_fraction=1.5)
+
+
+def test_evaluate_on_volumes_reports_per_scan(volume_run):
+    work, _, _ = volume_run
+    result = medrpn("evaluate", "--ckpt", str(work / "demo" / "volume_checkpoints" / "best.ckpt"), cwd=work)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    assert "false positives counted per scan" in output and "FP per scan" in output
+    assert "IoU >= 0.1 (3D)" in output
+
+
+def test_predict_on_volumes_writes_findings_per_scan_and_goes_on_past_a_broken_one(volume_run, tmp_path):
+    import json
+
+    work, broken, _ = volume_run
+    ckpt = work / "demo" / "volume_checkpoints" / "best.ckpt"
+    out = tmp_path / "findings"
+    result = medrpn("predict", "--ckpt", str(ckpt), "--input", str(work / "data" / "volumes"), "--output", str(out),
+                    "--score-threshold", "0", cwd=work)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    assert f"{broken.name}: skipped: the voxel data is truncated or corrupt" in output
+    folders = sorted(p.name for p in out.iterdir())
+    assert len(folders) == 6 and all((out / f / "montage.png").is_file() for f in folders)  # 4 series + 3 NIfTI - 1 broken
+    document = json.loads((out / folders[0] / "findings.json").read_text())
+    assert document["schema_version"] == "volume-1.0" and document["scan"]["spacing_mm"] == [0.9, 0.9, 3.0]
+    affine = np.array(document["scan"]["affine_lps"])
+    assert document["findings"], "a threshold of 0 keeps every detection"
+    for finding in document["findings"][:5]:
+        world = affine @ np.array([*finding["centre_voxel"], 1.0])
+        assert world[:3] == pytest.approx(finding["centre_mm_lps"], abs=0.02)
+    dicom = [json.loads((out / f / "findings.json").read_text())["scan"] for f in folders]
+    assert sum(scan["series_instance_uid"] is not None for scan in dicom) == 4  # the DICOM series keep their UIDs
+    # a second run keeps what is there; image-only options are refused for a 3D model
+    again = medrpn("predict", "--ckpt", str(ckpt), "--input", str(work / "data" / "volumes"), "--output", str(out), cwd=work)
+    assert again.returncode == 0 and "6 kept" in again.stdout
+    refused = medrpn("predict", "--ckpt", str(ckpt), "--input", str(work / "data"), "--output", str(out), "--proposals", cwd=work)
+    assert refused.returncode == 2 and "--proposals: not available for volumes yet" in refused.stderr
+
+
+def test_volume_findings_in_voxels_and_patient_millimetres_worked_by_hand():
+    from medrpn.data.volume import VolumeGeometry
+    from medrpn.outputs.volume_findings import make_volume_findings
+
+    affine = np.array([[0.5, 0, 0, 10.0], [0, 0.5, 0, 20.0], [0, 0, 2.0, 30.0], [0, 0, 0, 1]])
+    geometry = VolumeGeometry((20, 20, 10), affine)
+    boxes = np.array([[2, 4, 6, 6, 8, 10], [0, 0, 0, 25, 2, 1]], dtype=float)
+    found = make_volume_findings(boxes, np.array([0.4, 0.9]), np.array([0, 1]), ["a", "b"], geometry, 0.3)
+    assert [f.label for f in found] == ["b", "a"]  # best first
+    a = found[1]
+    assert a.centre_voxel == [3.5, 5.5, 7.5]  # voxel i spans [i, i+1): the box centre 4 is voxel 3.5
+    assert a.centre_mm_lps == [11.75, 22.75, 45.0]
+    assert a.size_mm == [2.0, 2.0, 8.0] and a.slices == [6, 9]
+    assert found[0].box_voxels[3] == 20.0  # clipped to the scan
+    assert make_volume_findings(boxes, np.array([0.4, 0.9]), np.array([0, 1]), ["a", "b"], geometry, 0.95) == []

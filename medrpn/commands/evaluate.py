@@ -258,9 +258,10 @@ def main(argv: list[str]) -> None:
     if stored is None:
         print("\nThe checkpoint stores no operating point (it was saved before any validation epoch).")
     else:
+        unit = "scan" if report.settings.get("spatial_dims", 2) == 3 else "image"
         print(
-            f"(stored in the checkpoint, picked on the validation split for {stored['target_fp_per_image']:g} FP/image: "
-            f"score >= {stored['score_threshold']:.4g}, {stored['fp_per_image']:.3f} FP/image, "
+            f"(stored in the checkpoint, picked on the validation split for {stored['target_fp_per_image']:g} FP/{unit}: "
+            f"score >= {stored['score_threshold']:.4g}, {stored['fp_per_image']:.3f} FP/{unit}, "
             f"sensitivity {stored['sensitivity']:.3f})"
         )
     if result.second_stage is not None:

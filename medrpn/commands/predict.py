@@ -72,6 +72,9 @@ def main(argv: list[str]) -> None:
         "SOP Instance UID (DICOM) or a hash of their path, the checkpoint by its SHA-256",
     )
     args = parser.parse_args(argv)
+    if _is_volume_checkpoint(args.ckpt):
+        _predict_volumes(parser, args)
+        return
     from medrpn.inference.predict import predict_files  # torch and Lightning: only once there is work to do
 
     predict_files(
@@ -90,3 +93,26 @@ def main(argv: list[str]) -> None:
         max_decoded_bytes=args.max_decoded_bytes,
         anonymize_paths=args.anonymize_paths,
     )
+
+
+# predict options that only images have so far
+_IMAGE_ONLY = ("proposals", "second_stage", "proposals_per_image", "proposal_nms", "test_flips", "anonymize_paths")
+
+
+def _is_volume_checkpoint(ckpt: Path) -> bool:
+    """Whether `ckpt` is a 3D model's (its settings say `spatial_dims: 3`); read without its weights."""
+    if not ckpt.is_file():
+        return False  # predict_files says so, in its words
+    from medrpn.training.checkpoint_file import read_checkpoint
+
+    return (read_checkpoint(ckpt, mmap=True).get("hyper_parameters") or {}).get("spatial_dims") == 3
+
+
+def _predict_volumes(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """A 3D checkpoint: findings per scan (`medrpn.inference.predict_volumes`)."""
+    given = [f"--{name.replace('_', '-')}" for name in _IMAGE_ONLY if getattr(args, name) not in (None, False)]
+    if given:
+        parser.error(f"{', '.join(given)}: not available for volumes yet ({args.ckpt} is a 3D model)")
+    from medrpn.inference.predict_volumes import predict_volumes
+
+    predict_volumes(args.ckpt, args.input, args.output, score_threshold=args.score_threshold, overwrite=args.overwrite)

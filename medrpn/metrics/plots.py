@@ -31,13 +31,13 @@ class FrocSeries:
     high: list[float] | None = None
 
 
-def _froc_axes(fig: Figure, title: str):
+def _froc_axes(fig: Figure, title: str, unit: str = "image"):
     ax = fig.add_subplot(1, 1, 1)
     ax.set_xscale("log", base=2)
     ax.set_xlim(min(FP_RATES) / 1.2, max(FP_RATES) * 1.2)
     ax.set_xticks(FP_RATES, _RATE_LABELS)
     ax.set_ylim(0, 1.02)
-    ax.set_xlabel("false positives per image")
+    ax.set_xlabel(f"false positives per {unit}")
     ax.set_ylabel("sensitivity")
     ax.set_title(title)
     ax.grid(True, which="major", alpha=0.3)
@@ -47,7 +47,7 @@ def _froc_axes(fig: Figure, title: str):
 def froc_figure(report: EvaluationReport, title: str = "FROC") -> Figure:
     """The class-agnostic FROC curve (LUNA16 interpolation), its points, bootstrap band and per-class curves."""
     fig = Figure(figsize=(6, 4.5))
-    ax = _froc_axes(fig, title)
+    ax = _froc_axes(fig, title, "scan" if report.settings.get("spatial_dims", 2) == 3 else "image")
     grid = np.geomspace(min(FP_RATES) / 1.2, max(FP_RATES) * 1.2, 200)
     if "all" in report.froc:
         x, y = report.froc["all"]

@@ -245,6 +245,7 @@ def evaluate_records(
         scalars["op_sensitivity"] = operating_point.sensitivity
 
     settings = {
+        "spatial_dims": int(r.gt_box.shape[1] // 2) if r.gt_box.ndim == 2 else 2,  # 3: counted per scan
         "hit_rule": hit_rule,
         "iou_threshold": iou_threshold,
         "n_images": n,
@@ -282,14 +283,16 @@ def format_table(report: EvaluationReport) -> str:
     """The report as aligned plain text."""
     s, st = report.scalars, report.settings
     rule = hit_rule_label(st["hit_rule"], st["iou_threshold"])
+    volumes = st.get("spatial_dims", 2) == 3
+    unit = "scan" if volumes else "image"
     lines = [
-        f"{st['n_images']} images ({st['n_patients']} patients), {st['n_lesions']} lesions, "
-        f"{st['n_predictions']} predictions; FROC hit rule: {rule}; a prediction credits at most "
-        "one lesion; false positives counted per 2D image",
+        f"{st['n_images']} {unit}s ({st['n_patients']} patients), {st['n_lesions']} lesions, "
+        f"{st['n_predictions']} predictions; FROC hit rule: {rule}{' (3D)' if volumes else ''}; a prediction "
+        f"credits at most one lesion; false positives counted per {'scan' if volumes else '2D image'}",
         "",
     ]
     ci = report.intervals is not None
-    header = f"{'FP per image':<14}" + "".join(f"{r:>8g}" for r in FP_RATES) + f"{'CPM':>8}"
+    header = f"{'FP per ' + unit:<14}" + "".join(f"{r:>8g}" for r in FP_RATES) + f"{'CPM':>8}"
     lines.append("FROC sensitivity" + (f" (bootstrap {int(report.intervals.confidence * 100)}% interval over "
                                         f"{report.intervals.n_resamples} patient resamples)" if ci else ""))
     lines.append(header)
@@ -309,16 +312,24 @@ def format_table(report: EvaluationReport) -> str:
         prefix = "" if name == "all" else f"{metric_safe(name)}/"
         lines.append(f"{name:<14}" + "".join(f"{_fmt(s.get(f'{prefix}{k}', math.nan)):>10}" for k in ("map10", "map50", "map50_95")))
     ks = report.proposal_top_ks
-    lines += ["", f"RPN proposal recall at IoU 0.5 (lesion size in {st['size_unit']}: small < {st['size_bins'][0]:g} "
+    if volumes and math.isnan(s.get("rpn_recall100", math.nan)):
+        lines += ["", "RPN proposal recall: not measured on volumes yet (proposals are not merged across windows)"]
+    else:
+        lines += _proposal_lines(s, st, ks)
+    op = report.operating_point
+    if op is not None:
+        lines += ["", f"Operating point: score >= {op.score_threshold:.4g} gives {op.fp_per_image:.3f} FP/{unit}, "
+                  f"sensitivity {_fmt(op.sensitivity)}"
+                  + (f" (target {op.target_fp_per_image:g} FP/{unit})" if math.isfinite(op.target_fp_per_image) else "")]
+    return "\n".join(lines)
+
+
+def _proposal_lines(s: dict[str, float], st: dict, ks: tuple[int, ...]) -> list[str]:
+    lines = ["", f"RPN proposal recall at IoU 0.5 (lesion size in {st['size_unit']}: small < {st['size_bins'][0]:g} "
               f"<= medium < {st['size_bins'][1]:g} <= large)",
               f"{'top-k':<14}" + "".join(f"{k:>8}" for k in ks) + f"{'AR@100':>8}"]
     for name in ("all", "small", "medium", "large"):
         suffix = "" if name == "all" else f"_{name}"
         row = [s.get(f"rpn_recall{k}{suffix}", math.nan) for k in ks] + [s.get(f"rpn_ar100{suffix}", math.nan)]
         lines.append(f"{name:<14}" + "".join(f"{_fmt(v):>8}" for v in row))
-    op = report.operating_point
-    if op is not None:
-        lines += ["", f"Operating point: score >= {op.score_threshold:.4g} gives {op.fp_per_image:.3f} FP/image, "
-                  f"sensitivity {_fmt(op.sensitivity)}"
-                  + (f" (target {op.target_fp_per_image:g} FP/image)" if math.isfinite(op.target_fp_per_image) else "")]
-    return "\n".join(lines)
+    return lines

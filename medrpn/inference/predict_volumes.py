@@ -1,0 +1,157 @@
+"""Findings for new scans with a 3D checkpoint: volume files and DICOM series in, one output
+folder per scan out.
+
+1. **find** the scans: a volume file (NIfTI, MetaImage, NRRD) given as input, or every volume file
+   and every DICOM series (by SeriesInstanceUID, `medrpn.data.dicom_series.find_series`) under an
+   input folder.
+2. **detect** on each whole scan, window by window, with the model loaded once
+   (`LesionDetectionModule.detect_scan`; intensities scaled as in training). A scan that cannot be
+   read is listed with the reason and the run goes on.
+3. **write** per scan, into a folder named after it (made unique): ``findings.json`` (voxel and
+   LPS millimetre coordinates, `medrpn.outputs.volume_findings`) and ``montage.png`` (three planes
+   through each finding, `medrpn.outputs.volume_montage`). A scan whose folder already holds
+   findings is left alone unless ``overwrite``.
+
+The score threshold is chosen as for images (`medrpn.inference.predict.resolve_threshold`): the
+one given, else the checkpoint's operating point (picked per scan on validation scans), else 0.5.
+DICOM outputs (SR with SCOORD3D, GSPS) for volumes are not written yet.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from medrpn import __version__
+from medrpn.data.volume_files import is_volume_file, read_volume
+from medrpn.data.volume_patches import scale_to_unit
+from medrpn.errors import DataError, MedrpnError
+from medrpn.outputs.findings import ModelInfo, file_sha256
+from medrpn.outputs.volume_findings import make_volume_findings, write_volume_findings_json
+from medrpn.outputs.volume_montage import write_volume_montage
+
+FINDINGS_NAME = "findings.json"
+MONTAGE_NAME = "montage.png"
+
+
+@dataclass
+class ScanInput:
+    """One scan to analyse: a volume file, or a DICOM series (its folder and SeriesInstanceUID)."""
+
+    path: Path
+    series_uid: str | None = None
+    name: str = ""
+
+
+@dataclass
+class VolumePredictReport:
+    """What a run did: scans analysed (with their output folder and number of findings), kept and failed."""
+
+    written: list[tuple[str, Path, int]] = field(default_factory=list)
+    kept: list[tuple[str, Path]] = field(default_factory=list)
+    failed: list[tuple[str, str]] = field(default_factory=list)
+
+
+def find_scans(root: Path) -> list[ScanInput]:
+    """The scans of `root`: a volume file, or the volume files and DICOM series under a folder."""
+    from medrpn.data.dicom_series import find_series
+
+    if not root.exists():
+        raise MedrpnError(f"{root}: input not found")
+    if root.is_file():
+        if not is_volume_file(root):
+            raise MedrpnError(f"{root}: not a volume file (NIfTI .nii/.nii.gz, MetaImage .mhd/.mha, NRRD .nrrd)")
+        return [ScanInput(root, name=root.name)]
+    scans = [ScanInput(p, name=str(p.relative_to(root))) for p in sorted(root.rglob("*")) if p.is_file() and is_volume_file(p)]
+    for uid, files in sorted(find_series(root).items(), key=lambda item: str(item[1][0])):
+        folder = Path(*_common_parts([f.parent.parts for f in files]))
+        relative = folder.relative_to(root) if folder != root else Path(root.name)
+        scans.append(ScanInput(folder, uid, str(relative)))
+    return scans
+
+
+def _common_parts(paths: list[tuple[str, ...]]) -> tuple[str, ...]:
+    common = paths[0]
+    for parts in paths[1:]:
+        n = 0
+        while n < min(len(common), len(parts)) and common[n] == parts[n]:
+            n += 1
+        common = common[:n]
+    return common
+
+
+def _folder_name(name: str, taken: set[str]) -> str:
+    base = re.sub(r"(\.nii\.gz|\.nii|\.mhd|\.mha|\.nrrd|\.nhdr)$", "", name, flags=re.IGNORECASE)
+    base = re.sub(r"[^A-Za-z0-9._-]+", "_", base).strip("._") or "scan"
+    folder, n = base, 1
+    while folder in taken:
+        n += 1
+        folder = f"{base}-{n}"
+    taken.add(folder)
+    return folder
+
+
+def predict_volumes(
+    ckpt: str | Path, input: str | Path, output: str | Path, score_threshold: float | None = None, overwrite: bool = False
+) -> VolumePredictReport:
+    """Runs a 3D checkpoint over the scans of `input` and writes one folder of outputs per scan
+    under `output` (see the module docstring). Prints one line per scan and a summary."""
+    from medrpn.inference.predict import resolve_threshold
+    from medrpn.training.lightning_module import module_from_checkpoint, read_module_checkpoint
+
+    ckpt, root, output = Path(ckpt), Path(input), Path(output)
+    checkpoint = read_module_checkpoint(ckpt)
+    module = module_from_checkpoint(ckpt, checkpoint=checkpoint)
+    if module.spatial_dims != 3:
+        raise MedrpnError(f"{ckpt}: a 2D checkpoint; `medrpn predict` runs it on images")
+    threshold, source, point = resolve_threshold(checkpoint, score_threshold)
+    model = ModelInfo(
+        checkpoint=str(ckpt.resolve()), checkpoint_sha256=file_sha256(ckpt), class_names=list(module.class_names),
+        score_threshold=threshold, threshold_source=source, operating_point=point, version=__version__,
+    )
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    module = module.to(device).eval()
+    report = VolumePredictReport()
+    taken: set[str] = set()
+    for scan in find_scans(root):
+        folder = output / _folder_name(scan.name, taken)
+        if (folder / FINDINGS_NAME).exists() and not overwrite:
+            report.kept.append((scan.name, folder))
+            print(f"medrpn predict: {scan.name}: kept the findings already in {folder} (--overwrite replaces them)", flush=True)
+            continue
+        try:
+            volume = read_volume(scan.path) if scan.series_uid is None else _read_series(scan)
+        except DataError as error:
+            report.failed.append((scan.name, error.reason))
+            print(f"medrpn predict: {scan.name}: skipped: {error.reason}", flush=True)
+            continue
+        scaled = scale_to_unit(volume.array)
+        with torch.no_grad():
+            found = module.detect_scan(torch.from_numpy(scaled)[None].to(device))
+        findings = make_volume_findings(
+            found["boxes"].cpu().numpy(), found["scores"].cpu().numpy(), found["labels"].cpu().numpy(),
+            model.class_names, volume.geometry, threshold,
+        )
+        write_volume_montage(folder / MONTAGE_NAME, scaled, volume.spacing, findings, model.class_names)
+        write_volume_findings_json(
+            folder / FINDINGS_NAME, findings=findings, model=model, source=scan.name, geometry=volume.geometry,
+            meta=volume.meta, overlay=MONTAGE_NAME,
+        )
+        report.written.append((scan.name, folder, len(findings)))
+        print(f"medrpn predict: {scan.name}: {len(findings)} finding(s) -> {folder}", flush=True)
+    total = sum(n for _, _, n in report.written)
+    print(
+        f"medrpn predict: {len(report.written)} scan(s) analysed, {total} finding(s) at score >= {threshold:.4g} "
+        f"({source}); {len(report.kept)} kept, {len(report.failed)} could not be read",
+        flush=True,
+    )
+    return report
+
+
+def _read_series(scan: ScanInput):
+    from medrpn.data.dicom_series import read_dicom_series
+
+    return read_dicom_series(scan.path, scan.series_uid)
