@@ -31,6 +31,15 @@ def volume_run(tmp_path_factory: pytest.TempPathFactory):
     # a scan whose header reads but whose voxels stop short: found at setup, reported, left out
     data = gzip.decompress(broken.read_bytes())
     broken.write_bytes(gzip.compress(data[: len(data) // 2]))
+    # one scan as MetaImage written by SimpleITK (LUNA16's format), its boxes unchanged: ITK and
+    # nibabel number a file's voxels alike
+    import SimpleITK as sitk
+
+    nifti = next(work / "data" / r["image"] for r in rows if r["image"].endswith(".nii.gz") and work / "data" / r["image"] != broken)
+    mhd = nifti.with_name(nifti.name.replace(".nii.gz", ".mhd"))
+    sitk.WriteImage(sitk.ReadImage(str(nifti)), str(mhd))
+    nifti.unlink()
+    annotations.write_text(annotations.read_text().replace(nifti.name, mhd.name))
     config = work / "config.yaml"
     config.write_text(
         (REPO / "configs" / "synth_volumes.yaml").read_text()
@@ -50,11 +59,11 @@ def volume_run(tmp_path_factory: pytest.TempPathFactory):
     )
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-4000:]
-    return work, broken, output
+    return work, broken, output, config, mhd
 
 
 def test_fit_on_volumes_trains_the_3d_detector_and_counts_per_scan(volume_run):
-    work, _, output = volume_run
+    work, _, output, _, _ = volume_run
     assert "held-out test   FROC sensitivity at 1 FP/scan" in output
     ckpt = work / "demo" / "volume_checkpoints" / "best.ckpt"
     checkpoint = torch.load(ckpt, map_location="cpu", weights_only=True)
@@ -70,8 +79,17 @@ def test_fit_on_volumes_trains_the_3d_detector_and_counts_per_scan(volume_run):
     assert "test/rpn_recall100" not in run.data.metrics  # not measured on volumes: not logged as a number
 
 
+def test_check_data_reads_every_scan_series_nifti_and_metaimage(volume_run):
+    work, broken, _, config, mhd = volume_run
+    result = medrpn("check-data", "--config", str(config), cwd=work)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    assert mhd.name in output and "vol000" in output  # a MetaImage and a DICOM series, each per scan
+    assert broken.name in output and "truncated or corrupt" in output
+
+
 def test_a_truncated_scan_is_reported_and_left_out(volume_run):
-    work, broken, _ = volume_run
+    work, broken, *_ = volume_run
     report = (work / "demo" / "volume_runs" / "data_problems.csv").read_text()
     assert str(broken) in report and "truncated or corrupt" in report
 
@@ -81,7 +99,7 @@ def test_the_trained_module_finds_lesions_on_a_whole_scan_in_scan_voxels(volume_
     from medrpn.data.volume_patches import scale_to_unit
     from medrpn.training.lightning_module import module_from_checkpoint
 
-    work, broken, _ = volume_run
+    work, broken, *_ = volume_run
     module = module_from_checkpoint(work / "demo" / "volume_checkpoints" / "best.ckpt")
     scan = next(p for p in sorted((work / "data" / "volumes").iterdir()) if p != broken)
     volume = read_volume(scan)
@@ -127,7 +145,7 @@ def test_patch_settings_are_checked():
 
 
 def test_evaluate_on_volumes_reports_per_scan(volume_run):
-    work, _, _ = volume_run
+    work, *_ = volume_run
     result = medrpn("evaluate", "--ckpt", str(work / "demo" / "volume_checkpoints" / "best.ckpt"), cwd=work)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-3000:]
@@ -138,7 +156,7 @@ def test_evaluate_on_volumes_reports_per_scan(volume_run):
 def test_predict_on_volumes_writes_findings_per_scan_and_goes_on_past_a_broken_one(volume_run, tmp_path):
     import json
 
-    work, broken, _ = volume_run
+    work, broken, *_ = volume_run
     ckpt = work / "demo" / "volume_checkpoints" / "best.ckpt"
     out = tmp_path / "findings"
     result = medrpn("predict", "--ckpt", str(ckpt), "--input", str(work / "data" / "volumes"), "--output", str(out),
@@ -147,7 +165,8 @@ def test_predict_on_volumes_writes_findings_per_scan_and_goes_on_past_a_broken_o
     assert result.returncode == 0, output[-3000:]
     assert f"{broken.name}: skipped: the voxel data is truncated or corrupt" in output
     folders = sorted(p.name for p in out.iterdir())
-    assert len(folders) == 6 and all((out / f / "montage.png").is_file() for f in folders)  # 4 series + 3 NIfTI - 1 broken
+    # 4 series + 2 NIfTI + 1 MetaImage - 1 broken
+    assert len(folders) == 6 and all((out / f / "montage.png").is_file() for f in folders)
     document = json.loads((out / folders[0] / "findings.json").read_text())
     assert document["schema_version"] == "volume-1.0" and document["scan"]["spacing_mm"] == [0.9, 0.9, 3.0]
     affine = np.array(document["scan"]["affine_lps"])
