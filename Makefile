@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test test-lowest setup conformance-tools clean-demo
+.PHONY: demo demo-volumes test test-lowest setup conformance-tools clean-demo
 
 setup: $(VENV)/.installed
 
@@ -23,6 +23,15 @@ demo: setup
 	@echo "Demo done. MLflow store: $(CURDIR)/mlruns.db  (mlflow ui --backend-store-uri sqlite:///mlruns.db)"
 	@echo "           checkpoint:   $(CURDIR)/demo/checkpoints/best.ckpt"
 	@echo "           findings:     $(CURDIR)/demo/findings  (per study: findings.json, DICOM SR, GSPS, overlay PNGs)"
+
+# 3D: synthetic MR phantoms (DICOM series and NIfTI) -> check -> train on patches -> per-scan
+# evaluation -> findings per scan (docs/usage.md, "Volumes (3D)").
+demo-volumes: setup
+	$(BIN)/medrpn synth --out demo/volumes --volumes 40 --seed 0
+	$(BIN)/medrpn check-data --config configs/synth_volumes.yaml
+	$(BIN)/medrpn fit --config configs/synth_volumes.yaml
+	$(BIN)/medrpn evaluate --ckpt demo/volume_checkpoints/best.ckpt
+	$(BIN)/medrpn predict --ckpt demo/volume_checkpoints/best.ckpt --input demo/volumes/volumes --output demo/volume_findings --overwrite
 
 test: setup conformance-tools
 	$(BIN)/python -m pytest -q

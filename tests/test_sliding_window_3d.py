@@ -52,3 +52,18 @@ def test_a_scan_smaller_than_the_window_is_one_window():
     volume, lesions = _scan()
     found = detect_by_windows(threshold_detector, volume, window=(128, 128, 64))
     assert sorted(found["boxes"].tolist()) == sorted(lesions)
+
+
+def test_proposals_are_merged_like_findings_best_first():
+    """Proposals (here the bright components, scored by size) come out once per lesion, whole, in
+    scan voxels, best first, whatever class the findings had."""
+    volume, lesions = _scan()
+
+    def with_proposals(crop: torch.Tensor) -> dict[str, torch.Tensor]:
+        found = threshold_detector(crop)
+        return {**found, "labels": torch.arange(len(found["boxes"])), "proposals": found["boxes"], "proposal_scores": found["scores"]}
+
+    merged = detect_by_windows(with_proposals, volume, window=(32, 32, 16), overlap=0.5)
+    assert sorted(merged["proposals"].tolist()) == sorted(lesions)
+    assert (merged["proposal_scores"][:-1] >= merged["proposal_scores"][1:]).all()
+    assert "proposals" not in detect_by_windows(threshold_detector, volume, window=(32, 32, 16))

@@ -76,7 +76,7 @@ def test_fit_on_volumes_trains_the_3d_detector_and_counts_per_scan(volume_run):
     run = client.search_runs([client.get_experiment_by_name("medrpn-volumes").experiment_id])[0]
     for key in ("val/cpm", "test/cpm", "test/map50", "train/loss_epoch"):
         assert key in run.data.metrics, sorted(run.data.metrics)
-    assert "test/rpn_recall100" not in run.data.metrics  # not measured on volumes: not logged as a number
+    assert "test/rpn_recall100" in run.data.metrics  # proposals merged across windows
 
 
 def test_check_data_reads_every_scan_series_nifti_and_metaimage(volume_run):
@@ -174,8 +174,13 @@ def test_predict_on_volumes_writes_findings_per_scan_and_goes_on_past_a_broken_o
     for finding in document["findings"][:5]:
         world = affine @ np.array([*finding["centre_voxel"], 1.0])
         assert world[:3] == pytest.approx(finding["centre_mm_lps"], abs=0.02)
-    dicom = [json.loads((out / f / "findings.json").read_text())["scan"] for f in folders]
-    assert sum(scan["series_instance_uid"] is not None for scan in dicom) == 4  # the DICOM series keep their UIDs
+    documents = [json.loads((out / f / "findings.json").read_text()) for f in folders]
+    series = [d for d in documents if d["scan"]["series_instance_uid"] is not None]
+    assert len(series) == 4  # the DICOM series keep their UIDs, and get an SR
+    assert all(d["dicom"]["sr"] == "sr.dcm" for d in series)
+    assert all(d["dicom"]["sr"] is None and "not DICOM" in d["dicom"]["notes"][0] for d in documents if d not in series)
+    assert sum((out / f / "sr.dcm").is_file() for f in folders) == 4
+    assert all(f["tracking_uid"] for d in series for f in d["findings"])
     # a second run keeps what is there; image-only options are refused for a 3D model
     again = medrpn("predict", "--ckpt", str(ckpt), "--input", str(work / "data" / "volumes"), "--output", str(out), cwd=work)
     assert again.returncode == 0 and "6 kept" in again.stdout

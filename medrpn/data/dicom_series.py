@@ -139,6 +139,7 @@ class _Stack:
         meta = {k: str(ds.get(k)) for k in META_KEYWORDS if ds.get(k) not in (None, "")}
         if self.slices[0].frame is None:
             meta["SOPInstanceUIDs"] = [str(self.datasets[s.path].SOPInstanceUID) for s in self.slices]
+            meta["SliceFiles"] = [str(s.path) for s in self.slices]  # for references (SR) to each slice
         return meta
 
 

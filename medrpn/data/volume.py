@@ -75,6 +75,20 @@ class VolumeGeometry:
         """(N, 6) boxes in the file's own voxel axes -> boxes in these axes."""
         return reorient_boxes(boxes, self.file_orientation, self.file_shape or self.shape)
 
+    def file_index_boxes(self, boxes: np.ndarray) -> np.ndarray:
+        """(N, 6) boxes in these axes -> the file's own voxel axes (the inverse of
+        `boxes_from_file_index`): what a DICOM reference (column, row, slice) or an ITK-SNAP user needs."""
+        boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 6)
+        file_shape = self.file_shape or self.shape
+        out = np.empty_like(boxes)
+        for axis, (target, flip) in enumerate(self.file_orientation):
+            target = int(target)
+            lo, hi = boxes[:, target], boxes[:, target + 3]
+            if flip < 0:
+                lo, hi = file_shape[axis] - hi, file_shape[axis] - lo
+            out[:, axis], out[:, axis + 3] = lo, hi
+        return out
+
     def box_of_world_sphere(self, centre: np.ndarray, diameter_mm: float) -> np.ndarray:
         """The voxel box (6,) that holds a sphere of `diameter_mm` about an LPS `centre` (LUNA16's
         annotation): the bounding box of the sphere's axis-aligned cube corners, mapped to voxels."""
@@ -93,7 +107,8 @@ class Volume:
         geometry: shape, affine and the file's orientation (`VolumeGeometry`).
         source: the file or folder it was read from, for messages.
         meta: identifiers (SeriesInstanceUID, StudyInstanceUID, PatientID, Modality, ...) and, for
-            a DICOM series, `SOPInstanceUIDs` in the order of the file's slice axis.
+            a DICOM series of single-frame files, `SOPInstanceUIDs` and `SliceFiles` in the order of
+            the file's slice axis.
     """
 
     array: np.ndarray

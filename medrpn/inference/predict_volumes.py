@@ -8,13 +8,14 @@ folder per scan out.
    (`LesionDetectionModule.detect_scan`; intensities scaled as in training). A scan that cannot be
    read is listed with the reason and the run goes on.
 3. **write** per scan, into a folder named after it (made unique): ``findings.json`` (voxel and
-   LPS millimetre coordinates, `medrpn.outputs.volume_findings`) and ``montage.png`` (three planes
-   through each finding, `medrpn.outputs.volume_montage`). A scan whose folder already holds
-   findings is left alone unless ``overwrite``.
+   LPS millimetre coordinates, `medrpn.outputs.volume_findings`), ``montage.png`` (three planes
+   through each finding, `medrpn.outputs.volume_montage`) and, for a DICOM series, ``sr.dcm`` (TID
+   1500, the finding's box on every slice it spans, `medrpn.outputs.volume_sr`). A scan whose
+   folder already holds findings is left alone unless ``overwrite``.
 
 The score threshold is chosen as for images (`medrpn.inference.predict.resolve_threshold`): the
 one given, else the checkpoint's operating point (picked per scan on validation scans), else 0.5.
-DICOM outputs (SR with SCOORD3D, GSPS) for volumes are not written yet.
+A GSPS for volumes is not written yet.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from medrpn.outputs.volume_montage import write_volume_montage
 
 FINDINGS_NAME = "findings.json"
 MONTAGE_NAME = "montage.png"
+SR_NAME = "sr.dcm"
 
 
 @dataclass
@@ -136,9 +138,10 @@ def predict_volumes(
             model.class_names, volume.geometry, threshold,
         )
         write_volume_montage(folder / MONTAGE_NAME, scaled, volume.spacing, findings, model.class_names)
+        sr, notes = _write_sr(folder / SR_NAME, volume, findings, model)
         write_volume_findings_json(
             folder / FINDINGS_NAME, findings=findings, model=model, source=scan.name, geometry=volume.geometry,
-            meta=volume.meta, overlay=MONTAGE_NAME,
+            meta=volume.meta, overlay=MONTAGE_NAME, sr=sr, notes=notes,
         )
         report.written.append((scan.name, folder, len(findings)))
         print(f"medrpn predict: {scan.name}: {len(findings)} finding(s) -> {folder}", flush=True)
@@ -149,6 +152,27 @@ def predict_volumes(
         flush=True,
     )
     return report
+
+
+def _write_sr(path: Path, volume, findings, model: ModelInfo) -> tuple[str | None, list[str]]:
+    """The scan's SR when it is a series of single-frame DICOM files with the UIDs a reference
+    needs; else no SR and the reason, for findings.json."""
+    import pydicom
+
+    from medrpn.outputs.references import missing_uids, reference_header
+    from medrpn.outputs.sr import write_dicom
+    from medrpn.outputs.volume_sr import build_volume_report
+
+    files = volume.meta.get("SliceFiles")
+    if not files:
+        kind = "an enhanced multi-frame DICOM file" if volume.meta.get("SeriesInstanceUID") else "not DICOM"
+        return None, [f"no DICOM SR: the scan is {kind} (SR for volumes: series of single-frame files)"]
+    headers = [reference_header(pydicom.dcmread(f, stop_before_pixels=True)) for f in files]
+    missing = sorted({uid for header in headers for uid in missing_uids(header)})
+    if missing:
+        return None, [f"no DICOM SR: the series' files lack {', '.join(missing)}"]
+    write_dicom(path, build_volume_report(headers, findings, volume.geometry, model))
+    return path.name, []
 
 
 def _read_series(scan: ScanInput):

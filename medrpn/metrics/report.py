@@ -312,10 +312,7 @@ def format_table(report: EvaluationReport) -> str:
         prefix = "" if name == "all" else f"{metric_safe(name)}/"
         lines.append(f"{name:<14}" + "".join(f"{_fmt(s.get(f'{prefix}{k}', math.nan)):>10}" for k in ("map10", "map50", "map50_95")))
     ks = report.proposal_top_ks
-    if volumes and math.isnan(s.get("rpn_recall100", math.nan)):
-        lines += ["", "RPN proposal recall: not measured on volumes yet (proposals are not merged across windows)"]
-    else:
-        lines += _proposal_lines(s, st, ks)
+    lines += _proposal_lines(s, st, ks)
     op = report.operating_point
     if op is not None:
         lines += ["", f"Operating point: score >= {op.score_threshold:.4g} gives {op.fp_per_image:.3f} FP/{unit}, "

@@ -48,44 +48,70 @@ def detect_by_windows(
     overlap: float = 0.5,
     border_margin: float = 1.0,
     merge_iou: float = 0.5,
+    proposal_merge_iou: float = 0.7,
 ) -> Detections:
     """Findings on a whole scan from a detector that runs on windows.
 
     Args:
         detect: maps a (C, wx, wy, wz) window to its findings {"boxes" (N, 6) in window voxels,
-            "scores" (N,), "labels" (N,)}.
+            "scores" (N,), "labels" (N,)}, and optionally its RPN proposals {"proposals" (P, 6),
+            "proposal_scores" (P,)}, merged the same way (one class) when given.
         volume: (C, X, Y, Z) the whole scan.
         window: window size per axis (clipped to the scan).
         overlap: share of a window that neighbouring windows share, in [0, 1).
         border_margin: a finding within this many voxels of an inner window border is dropped.
         merge_iou: findings of one class overlapping more than this are merged (NMS).
+        proposal_merge_iou: the same for proposals (the RPN's own NMS IoU is the natural choice).
 
     Returns:
-        The merged findings in scan voxels, best score first.
+        The merged findings in scan voxels, best score first (and "proposals", "proposal_scores",
+        best first, when `detect` gives them).
     """
-    from monai.data.box_utils import batched_nms
-
     if not 0 <= overlap < 1:
         raise ValueError(f"overlap must be in [0, 1), got {overlap}")
     shape = tuple(int(n) for n in volume.shape[1:])
     size = tuple(min(w, s) for w, s in zip(window, shape))
-    boxes, scores, labels = [], [], []
+    found_parts: list[tuple[Tensor, Tensor, Tensor]] = []
+    proposal_parts: list[tuple[Tensor, Tensor, Tensor]] = []
     for start in windows(shape, size, overlap):
         crop = volume[:, start[0] : start[0] + size[0], start[1] : start[1] + size[1], start[2] : start[2] + size[2]]
         found = detect(crop)
-        keep = torch.ones(len(found["boxes"]), dtype=torch.bool)
-        for axis in range(3):
-            if start[axis] > 0:  # the window's low side is inside the scan
-                keep &= found["boxes"][:, axis].cpu() > border_margin
-            if start[axis] + size[axis] < shape[axis]:  # its high side is inside the scan
-                keep &= found["boxes"][:, axis + 3].cpu() < size[axis] - border_margin
-        offset = torch.tensor([*start, *start], dtype=found["boxes"].dtype, device=found["boxes"].device)
-        boxes.append(found["boxes"][keep.to(found["boxes"].device)] + offset)
-        scores.append(found["scores"][keep.to(found["scores"].device)])
-        labels.append(found["labels"][keep.to(found["labels"].device)])
-    boxes, scores, labels = torch.cat(boxes), torch.cat(scores), torch.cat(labels)
+        found_parts.append(_in_scan(found["boxes"], found["scores"], found["labels"], start, size, shape, border_margin))
+        if "proposals" in found:
+            boxes = found["proposals"]
+            labels = torch.zeros(len(boxes), dtype=torch.int64, device=boxes.device)
+            proposal_parts.append(_in_scan(boxes, found["proposal_scores"], labels, start, size, shape, border_margin))
+    boxes, scores, labels = _merge(found_parts, merge_iou)
+    merged = {"boxes": boxes, "scores": scores, "labels": labels}
+    if proposal_parts:
+        merged["proposals"], merged["proposal_scores"], _ = _merge(proposal_parts, proposal_merge_iou)
+    return merged
+
+
+def _in_scan(
+    boxes: Tensor, scores: Tensor, labels: Tensor, start: tuple[int, ...], size: tuple[int, ...], shape: tuple[int, ...],
+    border_margin: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """A window's boxes in scan voxels, less those touching one of its inner borders."""
+    keep = torch.ones(len(boxes), dtype=torch.bool, device=boxes.device)
+    for axis in range(3):
+        if start[axis] > 0:  # the window's low side is inside the scan
+            keep &= boxes[:, axis] > border_margin
+        if start[axis] + size[axis] < shape[axis]:  # its high side is inside the scan
+            keep &= boxes[:, axis + 3] < size[axis] - border_margin
+    offset = torch.tensor([*start, *start], dtype=boxes.dtype, device=boxes.device)
+    return boxes[keep] + offset, scores[keep], labels[keep]
+
+
+def _merge(parts: list[tuple[Tensor, Tensor, Tensor]], iou: float) -> tuple[Tensor, Tensor, Tensor]:
+    """One set from the windows' sets: per class NMS (MONAI's) at `iou`, best score first."""
+    from monai.data.box_utils import batched_nms
+
+    boxes = torch.cat([p[0] for p in parts]).reshape(-1, 6)
+    scores = torch.cat([p[1] for p in parts])
+    labels = torch.cat([p[2] for p in parts])
     if len(boxes) == 0:
-        return {"boxes": boxes.reshape(0, 6), "scores": scores, "labels": labels}
-    keep = batched_nms(boxes, scores, labels, merge_iou)
+        return boxes, scores, labels
+    keep = batched_nms(boxes, scores, labels, iou)
     keep = keep[scores[keep].argsort(descending=True)]
-    return {"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]}
+    return boxes[keep], scores[keep], labels[keep]

@@ -27,9 +27,12 @@ Findings JSON for volumes, ``schema_version`` "volume-1.0", one ``findings.json`
           "centre_voxel": [i, j, k],                  # voxel index of the centre (centres at integers)
           "centre_mm_lps": [x, y, z],                 # patient coordinates, mm
           "size_mm": [dx, dy, dz],                    # extent along the array axes, mm
-          "slices": [k1, k2]                          # axial slices it spans (0-based, inclusive)
+          "slices": [k1, k2],                         # axial slices it spans (0-based, inclusive)
+          "tracking_id": "ring 1" | null,             # its name in the SR ...
+          "tracking_uid": "2.25..." | null            # ... and its UID there (null: no SR)
         }
-      ]
+      ],
+      "dicom": {"sr": "sr.dcm" | null, "notes": ["..."]}
     }
 
 Coordinates are rounded to 2 decimals, scores to 4. Patient identifiers are never written.
@@ -62,6 +65,8 @@ class VolumeFinding:
     centre_mm_lps: list[float]
     size_mm: list[float]
     slices: list[int]
+    tracking_id: str | None = None
+    tracking_uid: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -72,6 +77,8 @@ class VolumeFinding:
             "centre_mm_lps": self.centre_mm_lps,
             "size_mm": self.size_mm,
             "slices": self.slices,
+            "tracking_id": self.tracking_id,
+            "tracking_uid": self.tracking_uid,
         }
 
 
@@ -114,7 +121,7 @@ def make_volume_findings(
 
 def write_volume_findings_json(
     path: str | Path, *, findings: list[VolumeFinding], model: ModelInfo, source: str, geometry: VolumeGeometry,
-    meta: dict[str, Any] | None = None, overlay: str | None = None,
+    meta: dict[str, Any] | None = None, overlay: str | None = None, sr: str | None = None, notes: list[str] | None = None,
 ) -> Path:
     """Write one scan's findings file (schema in the module docstring), atomically."""
     meta = meta or {}
@@ -132,6 +139,7 @@ def write_volume_findings_json(
             "overlay": overlay,
         },
         "findings": [finding.to_dict() for finding in findings],
+        "dicom": {"sr": sr, "notes": list(notes or [])},
     }
     text = json.dumps(document, indent=2, default=_json_default, allow_nan=False) + "\n"
     return write_atomically(path, text.encode("utf-8"))

@@ -191,12 +191,11 @@ def _print_fit_summary(trainer, best: str | None, test_metrics: dict[str, float]
             return "n/a" if math.isnan(value) else f"{value:.3f}"
 
         module = trainer.lightning_module
-        volumes = getattr(module, "spatial_dims", 2) == 3  # counted per scan, no proposal recall yet
+        unit = "scan" if getattr(module, "spatial_dims", 2) == 3 else "image"
         lines.append(
-            f"  held-out test   FROC sensitivity at 1 FP/{'scan' if volumes else 'image'} = {fmt('froc_1fp')}, CPM = {fmt('cpm')} "
+            f"  held-out test   FROC sensitivity at 1 FP/{unit} = {fmt('froc_1fp')}, CPM = {fmt('cpm')} "
             f"({hit_rule_label(module.hparams.froc_hit_rule, module.hparams.froc_iou_threshold)}), "
-            f"CPM at IoU >= 0.5 = {fmt('cpm_iou50')}, mAP@0.5 = {fmt('map50')}"
-            + ("" if volumes else f", RPN recall@100 = {fmt('rpn_recall100')}")
+            f"CPM at IoU >= 0.5 = {fmt('cpm_iou50')}, mAP@0.5 = {fmt('map50')}, RPN recall@100 = {fmt('rpn_recall100')}"
         )
     print("\n".join(lines), flush=True)
 

@@ -332,14 +332,20 @@ class LesionDetectionModule(L.LightningModule):
 
     def detect_scan(self, volume: Tensor) -> dict[str, Tensor]:
         """Findings on a whole scan (C, X, Y, Z), window by window (`model.volume.window`), merged
-        in scan voxels (eval mode): {"boxes" (N, 6), "scores", "labels"}."""
+        in scan voxels (eval mode): {"boxes" (N, 6), "scores", "labels"}, and the RPN's proposals
+        merged the same way ("proposals", "proposal_scores", best first)."""
         from medrpn.model.sliding_window_3d import detect_by_windows
 
+        def detect(window: Tensor) -> dict[str, Tensor]:
+            out = self.model(window[None])
+            return {**out.detections[0], "proposals": out.proposals[0], "proposal_scores": out.proposal_scores[0]}
+
         return detect_by_windows(
-            lambda window: self.model(window[None]).detections[0],
+            detect,
             volume,
             window=tuple(self.volume.window),
             overlap=self.volume.window_overlap,
+            proposal_merge_iou=self.detector_config.rpn.nms_thresh,
         )
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
@@ -379,8 +385,9 @@ class LesionDetectionModule(L.LightningModule):
         targets = batch["targets"]
         if self.rpn_only:  # class-agnostic: every lesion is one of the candidates' class
             targets = [{**t, "labels": torch.zeros_like(t["labels"])} for t in targets]
-        if self.spatial_dims == 3:  # whole scans: no merged proposals, so no proposal recall
-            metrics.update([self.detect_scan(volume) for volume in batch["images"]], targets, None, batch.get("meta"))
+        if self.spatial_dims == 3:  # whole scans, window by window
+            found = [self.detect_scan(volume) for volume in batch["images"]]
+            metrics.update(found, targets, [f["proposals"] for f in found], batch.get("meta"))
             return
         out = self.model(batch["images"])
         metrics.update(out.detections, targets, out.proposals, batch.get("meta"))

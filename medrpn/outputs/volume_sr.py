@@ -1,0 +1,148 @@
+"""A DICOM Structured Report of one scan's findings when the scan was a DICOM series: TID 1500,
+built with highdicom, as for images (`medrpn.outputs.sr`), with one volumetric measurement group
+per finding.
+
+    Imaging Measurement Report (TID 1500)
+      Measurement Group (TID 1501): study summary (algorithm, checkpoint SHA-256, threshold;
+        CAD Processing and Findings Summary)
+      Measurement Group (TID 1411, Volumetric ROI), one per finding:
+        Tracking identifier "<label> <n>" and tracking UID (as in findings.json)
+        Finding category / Finding (the class, `medrpn.outputs.sr.class_code`)
+        Image Region, one per slice the finding spans: a closed POLYLINE around the box in that
+          slice's own pixel coordinates, SELECTED FROM that slice's SOP instance
+        Certainty of Finding = the detector score
+
+SCOORD on each slice, rather than one SCOORD3D shape, is what PACS viewers draw on the images. The
+box goes from medrpn's LPS-oriented voxels back to the series' own (column, row, slice) axes
+(`VolumeGeometry.file_index_boxes`), slices in the order along their normal (the order the series
+was read in). Every slice of the series is listed as evidence.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+
+import highdicom as hd
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+
+from medrpn.data.volume import VolumeGeometry
+from medrpn.outputs.findings import ModelInfo
+from medrpn.outputs.references import derived_uid
+from medrpn.outputs.sr import (
+    CERTAINTY,
+    NO_UNITS,
+    PRIVATE_SCHEME,
+    SR_SERIES_NUMBER,
+    _algorithm,
+    box_polyline,
+    class_code,
+)
+from medrpn.outputs.volume_findings import VolumeFinding
+
+
+def assign_volume_tracking(findings: Sequence[VolumeFinding], model: ModelInfo, series_uid: str) -> None:
+    """Name every finding of a scan, in place: "<label> <n>" and a UID derived from the model, the
+    series and the finding, so that findings.json and the SR name each finding the same way."""
+    for number, finding in enumerate(findings, start=1):
+        if finding.tracking_id is None:
+            label = re.sub(r"[\\\r\n]", " ", finding.label)
+            finding.tracking_id = f"{label} {number}"[:64]
+        if finding.tracking_uid is None:
+            finding.tracking_uid = derived_uid("volume finding", model.checkpoint_sha256, model.score_threshold, series_uid, number)
+
+
+def slice_regions(finding: VolumeFinding, geometry: VolumeGeometry, slices: Sequence[Dataset]) -> list[hd.sr.ImageRegion]:
+    """The finding's box as a closed polyline on every slice of the series it spans.
+
+    Args:
+        finding: with `box_voxels` in the volume's LPS-oriented voxels.
+        geometry: the volume's (its file axes are the series' columns, rows and slices).
+        slices: reference headers of the series' slices, in the order along the normal.
+    """
+    c1, r1, s1, c2, r2, s2 = geometry.file_index_boxes(finding.box_voxels)[0]
+    first = max(0, math.floor(s1))
+    last = min(len(slices) - 1, max(first, math.ceil(s2) - 1))
+    return [
+        hd.sr.ImageRegion(
+            graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+            graphic_data=box_polyline([round(c1, 2), round(r1, 2), round(c2, 2), round(r2, 2)]),
+            source_image=hd.sr.SourceImageForRegion(
+                referenced_sop_class_uid=slices[k].SOPClassUID, referenced_sop_instance_uid=slices[k].SOPInstanceUID
+            ),
+        )
+        for k in range(first, last + 1)
+    ]
+
+
+def build_volume_report(
+    slices: Sequence[Dataset], findings: Sequence[VolumeFinding], geometry: VolumeGeometry, model: ModelInfo
+) -> hd.sr.Comprehensive3DSR:
+    """The SR document of one DICOM series' findings (content in the module docstring).
+
+    Args:
+        slices: reference headers (`medrpn.outputs.references.reference_header`) of the series'
+            slices in the order along the normal, as the volume was read.
+        findings: the scan's findings (tracking assigned here when missing).
+        geometry: the volume's geometry. model: the model and threshold (also the UIDs' source).
+    """
+    if not slices:
+        raise ValueError("a measurement report needs the series' slices")
+    study_uid, series_uid = str(slices[0].StudyInstanceUID), str(slices[0].SeriesInstanceUID)
+    assign_volume_tracking(findings, model, series_uid)
+    summary_value = codes.DCM.AllAlgorithmsSucceededWithFindings if findings else codes.DCM.AllAlgorithmsSucceededWithoutFindings
+    groups: list = [
+        hd.sr.MeasurementsAndQualitativeEvaluations(
+            tracking_identifier=hd.sr.TrackingIdentifier(
+                uid=derived_uid("summary", model.checkpoint_sha256, model.score_threshold, series_uid),
+                identifier="medrpn scan summary",
+            ),
+            algorithm_id=_algorithm(model),
+            qualitative_evaluations=[
+                hd.sr.QualitativeEvaluation(name=codes.DCM.CADProcessingAndFindingsSummary, value=summary_value)
+            ],
+        )
+    ]
+    for finding in findings:
+        groups.append(
+            hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+                tracking_identifier=hd.sr.TrackingIdentifier(uid=finding.tracking_uid, identifier=finding.tracking_id),
+                referenced_regions=slice_regions(finding, geometry, slices),
+                finding_type=class_code(finding.label),
+                finding_category=codes.SCT.MorphologicallyAbnormalStructure,
+                algorithm_id=_algorithm(model, parameters=False),
+                measurements=[hd.sr.Measurement(name=CERTAINTY, value=round(finding.score, 4), unit=NO_UNITS)],
+            )
+        )
+    device = hd.sr.ObserverContext(
+        observer_type=codes.DCM.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=derived_uid("device", model.name, model.version), name=model.name,
+            manufacturer_name=model.name, model_name=model.name,
+        ),
+    )
+    report = hd.sr.MeasurementReport(
+        observation_context=hd.sr.ObservationContext(observer_device_context=device),
+        procedure_reported=codes.SCT.ImagingProcedure,
+        imaging_measurements=groups,
+    )
+    document = hd.sr.Comprehensive3DSR(
+        evidence=list(slices),
+        content=report[0],
+        series_instance_uid=derived_uid("sr series", model.checkpoint_sha256, model.score_threshold, study_uid),
+        series_number=SR_SERIES_NUMBER,
+        sop_instance_uid=derived_uid("volume sr", model.checkpoint_sha256, model.score_threshold, model.version, series_uid),
+        instance_number=1,
+        manufacturer=model.name,
+        is_complete=True,
+        series_description="medrpn findings (SR)",
+    )
+    if any(class_code(f.label).scheme_designator == PRIVATE_SCHEME for f in findings):
+        scheme = Dataset()
+        scheme.CodingSchemeDesignator = PRIVATE_SCHEME
+        scheme.CodingSchemeName = "medrpn class names"
+        scheme.CodingSchemeResponsibleOrganization = "medrpn"
+        document.CodingSchemeIdentificationSequence = [scheme]
+    return document
