@@ -11,6 +11,7 @@ and the anchors per image of the config's anchors, of torchvision's default anch
 plan, overall and per class; `--output NEW.yaml` writes the plan as a config of its own, to give
 after yours: `medrpn fit --config C --config NEW.yaml` trains with the planned anchors (your
 config, its comments and the other settings stay as they are). `plan_for_config` does the same for an already parsed config (`anchors: auto`).
+Volumes (3D annotations) are planned by `medrpn.commands.plan_volumes`.
 """
 
 from __future__ import annotations
@@ -189,6 +190,15 @@ def report(plan: AnchorPlan, found: TrainingBoxes, budget: int) -> list[str]:
     return lines
 
 
+def _on_volumes(config: dict[str, Any], source: str) -> bool:
+    """Whether the config's annotations are 3D (planned by `medrpn.commands.plan_volumes`)."""
+    from medrpn.commands.check_volume_data import VOLUME_FORMATS
+    from medrpn.data.annotations import detect_format
+
+    data, _ = config_sections(config, source)
+    return (data.get("format") or detect_format(data["annotations"])) in VOLUME_FORMATS
+
+
 def main(argv: list[str]) -> None:
     parser = training_config_parser(
         "medrpn plan",
@@ -206,6 +216,11 @@ def main(argv: list[str]) -> None:
     if args.anchors_per_position < 1:
         parser.error("--anchors-per-position must be at least 1")
     source = config_source(args)
+    if _on_volumes(config, source):
+        from medrpn.commands.plan_volumes import run
+
+        run(config, args.anchors_per_position, source, args.output)
+        return
     plan, found = _plan(config, args.anchors_per_position, source)
     print(f"medrpn plan: {source}")
     print("\n".join(report(plan, found, args.anchors_per_position)))
