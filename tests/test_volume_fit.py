@@ -203,3 +203,17 @@ def test_volume_findings_in_voxels_and_patient_millimetres_worked_by_hand():
     assert a.size_mm == [2.0, 2.0, 8.0] and a.slices == [6, 9]
     assert found[0].box_voxels[3] == 20.0  # clipped to the scan
     assert make_volume_findings(boxes, np.array([0.4, 0.9]), np.array([0, 1]), ["a", "b"], geometry, 0.95) == []
+
+
+def test_a_dicom_series_without_a_patient_column_is_grouped_by_its_patient_id(tmp_path: Path):
+    import pydicom
+
+    from medrpn.data.records import Record
+    from medrpn.data.splits import group_keys
+
+    write_synthetic_volumes(tmp_path, n_volumes=2, shape=(40, 40, 16), seed=6)
+    series = tmp_path / "volumes" / "vol000"
+    patient = pydicom.dcmread(next(series.iterdir()), stop_before_pixels=True).PatientID
+    nifti = tmp_path / "volumes" / "vol001.nii.gz"
+    keys = group_keys([Record(series, np.zeros((0, 6)), []), Record(nifti, np.zeros((0, 6)), [])])
+    assert keys == [f"PatientID:{patient}", f"image:{nifti}"]

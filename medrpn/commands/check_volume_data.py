@@ -4,8 +4,9 @@ images, per scan, in voxels and millimetres.
 Every scan is read once (voxels included, so a truncated file shows here and not mid-epoch), and
 the report gives: scans found, readable and unreadable with the reason; every annotation problem;
 per scan its shape, voxel spacing, patient and boxes; boxes per class; box extents along x, y, z
-in voxels and mm; scans without boxes; bad and duplicated boxes; and the patient-level split that
-`data.val_fraction` / `data.test_fraction` / `data.split_seed` give, with any patient in two splits.
+in voxels and mm; scans without boxes; bad and duplicated boxes; and the patient-level split
+`medrpn fit` makes (the data module's own, `data.split` settings included), with any patient in
+two splits.
 """
 
 from __future__ import annotations
@@ -17,10 +18,8 @@ from typing import Any
 import numpy as np
 
 from medrpn.commands.data_report import DUPLICATE_IOU, count_duplicates, quantiles
-from medrpn.data.annotations import read_annotations
-from medrpn.data.problems import Problems
 from medrpn.data.records import Record
-from medrpn.data.splits import SPLITS, split_by_patient
+from medrpn.data.splits import SPLITS
 from medrpn.data.volume_files import read_volume
 from medrpn.errors import DataError
 
@@ -29,10 +28,11 @@ VOLUME_FORMATS = ("csv3d", "luna16", "masks")
 
 def check_volumes(data: dict[str, Any], source: str = "config") -> tuple[list[str], list[str]]:
     """The report lines and the reasons the volume dataset cannot be trained on (empty if it can)."""
-    problems = Problems("skip")
-    records, class_names = read_annotations(
-        data["annotations"], data.get("class_names"), data.get("format"), problems, data.get("image_dir")
-    )
+    from medrpn.data.datamodule import LesionDataModule  # Lightning: only once there is a dataset to check
+
+    # the annotations, patients and splits exactly as `medrpn fit` makes them
+    dm = LesionDataModule(**{**data, "on_error": "skip"})
+    problems, records, class_names = dm.problems, dm.records, dm.class_names
     scans: dict[str, dict[str, Any]] = {}
     readable: list[Record] = []
     for record in records:
@@ -77,12 +77,10 @@ def check_volumes(data: dict[str, Any], source: str = "config") -> tuple[list[st
         f"duplicated {sum(count_duplicates(r) for r in usable)} (IoU >= {DUPLICATE_IOU}, same class)"
     )
 
-    groups = [f"patient:{scans[r.key]['patient']}" if scans[r.key]["patient"] else f"scan:{r.key}" for r in usable]
     fatal: list[str] = []
-    splits = {name: [] for name in SPLITS}
-    if usable:
-        splits = split_by_patient(usable, data.get("val_fraction", 0.15), data.get("test_fraction", 0.15), data.get("split_seed", 0), groups)
-    group_of = dict(zip((r.key for r in usable), groups))
+    kept = {r.key for r in usable}
+    splits = {name: [r for r in dm.splits[name] if r.key in kept] for name in SPLITS}
+    group_of = dm.groups
     seen: dict[str, str] = {}
     overlap = set()
     for name in SPLITS:

@@ -144,9 +144,7 @@ class LesionDataModule(L.LightningDataModule):
             Path(annotations), class_names, format, self.problems, image_dir, self.fusion, self.read
         )
         self.spatial_dims = self._spatial_dims(self.records, annotations)
-        keys = group_keys(
-            self.records, self.split.group_blocks, read_dicom=self.spatial_dims == 2, max_decoded_bytes=self.read.max_decoded_bytes
-        )
+        keys = group_keys(self.records, self.split.group_blocks, max_decoded_bytes=self.read.max_decoded_bytes)
         self.groups = dict(zip((r.key for r in self.records), keys))
         self.splits = self._split(self.records)
         self.images = ImageCache(self.cache_config, self.read, image_size)

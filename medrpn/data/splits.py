@@ -5,7 +5,7 @@ on both sides of a split inflates validation scores. Records are grouped by pati
 of these that is known (`group_keys`):
 
 1. the record's `patient_id` (from the annotation file);
-2. the DICOM header's PatientID, else its StudyInstanceUID;
+2. the DICOM header's PatientID, else its StudyInstanceUID (for a DICOM series folder, of its first file);
 3. a grouping rule from the config: `group_blocks: N` puts images whose file numbers (the last
    number in the file name) fall in the same block of N, within one folder, together; for
    datasets without patient ids whose slices of a patient have neighbouring numbers;
@@ -97,13 +97,20 @@ def group_keys(
     for record in records:
         key = f"patient:{record.patient_id}" if record.patient_id else None
         if key is None and read_dicom:
-            key = patient_of(record.image_path, max_decoded_bytes)
+            key = patient_of(_first_file(Path(record.image_path)), max_decoded_bytes)
         if key is None and group_blocks:
             match = _NUMBER.search(Path(record.image_path).stem)
             if match:
                 key = f"block:{Path(record.image_path).parent}:{int(match.group(1)) // group_blocks}"
         keys.append(key or f"image:{record.key}")
     return keys
+
+
+def _first_file(path: Path) -> Path:
+    """A DICOM series folder's first file (by name), whose header names the series' patient; a file itself."""
+    if not path.is_dir():
+        return path
+    return next((p for p in sorted(path.rglob("*")) if p.is_file()), path)
 
 
 def split_by_patient(
