@@ -114,6 +114,7 @@ def test_the_trained_module_finds_lesions_on_a_whole_scan_in_scan_voxels(volume_
 
 def test_the_epoch_sampler_shards_every_patch_once_and_reshuffles_each_epoch():
     ranks = [EpochPatchSampler(10, seed=1, num_replicas=3, rank=r) for r in range(3)]
+    assert isinstance(ranks[0], torch.utils.data.DistributedSampler)  # so Lightning does not shard it again
     first = [list(s) for s in ranks]
     assert all(len(part) == 4 for part in first)  # padded to 12, 4 each
     assert set(sum(first, [])) == set(range(10))

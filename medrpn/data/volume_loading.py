@@ -14,14 +14,13 @@ scans for evaluation, in the batch format of `medrpn.data.batch` with a third ax
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset, DistributedSampler
 
 from medrpn.data.records import Record
 from medrpn.data.volume_files import read_volume
@@ -81,27 +80,22 @@ class VolumeStore:
         return sum(a.nbytes for a in self.arrays.values())
 
 
-class EpochPatchSampler(Sampler[int]):
+class EpochPatchSampler(DistributedSampler):
     """Every patch index once per epoch, shuffled by (seed, epoch) and sharded over DDP ranks
     (padded by repeating the first ones so every rank gets as many), as index + epoch x n, so
-    that `VolumePatches` draws the epoch's own crops. Lightning calls `set_epoch` each epoch.
+    that `VolumePatches` draws the epoch's own crops. Lightning calls `set_epoch` each epoch, and
+    leaves a `DistributedSampler` as it is (it would wrap any other sampler in a second sharding).
     """
 
     def __init__(self, n: int, seed: int = 0, num_replicas: int = 1, rank: int = 0) -> None:
-        self.n, self.seed, self.num_replicas, self.rank = n, seed, num_replicas, rank
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def __len__(self) -> int:
-        return math.ceil(self.n / self.num_replicas)
+        super().__init__(range(n), num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        self.n = n
 
     def __iter__(self):
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         order = torch.randperm(self.n, generator=generator).tolist()
-        order += order[: len(self) * self.num_replicas - self.n]
-        return iter(self.epoch * self.n + i for i in order[self.rank :: self.num_replicas])
+        order += order[: self.total_size - self.n]
+        return iter(self.epoch * self.n + i for i in order[self.rank : self.total_size : self.num_replicas])
 
 
 class TrainingPatches(Dataset):
