@@ -187,6 +187,10 @@ def test_predict_on_volumes_writes_findings_per_scan_and_goes_on_past_a_broken_o
     assert again.returncode == 0 and "6 kept" in again.stdout
     refused = medrpn("predict", "--ckpt", str(ckpt), "--input", str(work / "data"), "--output", str(out), "--proposals", cwd=work)
     assert refused.returncode == 2 and "--proposals: not available for volumes yet" in refused.stderr
+    # the decompression-bomb guard: a scan declaring more voxel data than allowed is not decoded
+    small = medrpn("predict", "--ckpt", str(ckpt), "--input", str(work / "data" / "volumes"), "--output", str(tmp_path / "small"),
+                   "--max-decoded-bytes", "10000", cwd=work)
+    assert small.returncode == 0 and "0 scan(s) analysed" in small.stdout and "7 could not be read" in small.stdout
 
 
 def test_volume_findings_in_voxels_and_patient_millimetres_worked_by_hand():

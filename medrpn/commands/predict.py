@@ -115,4 +115,7 @@ def _predict_volumes(parser: argparse.ArgumentParser, args: argparse.Namespace) 
         parser.error(f"{', '.join(given)}: not available for volumes yet ({args.ckpt} is a 3D model)")
     from medrpn.inference.predict_volumes import predict_volumes
 
-    predict_volumes(args.ckpt, args.input, args.output, score_threshold=args.score_threshold, overwrite=args.overwrite)
+    predict_volumes(
+        args.ckpt, args.input, args.output, score_threshold=args.score_threshold, overwrite=args.overwrite,
+        max_decoded_bytes=args.max_decoded_bytes,
+    )

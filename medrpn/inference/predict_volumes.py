@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from medrpn import __version__
+from medrpn.data.limits import DEFAULT_MAX_DECODED_BYTES
 from medrpn.data.volume_files import is_volume_file, read_volume
 from medrpn.data.volume_patches import scale_to_unit
 from medrpn.errors import DataError, MedrpnError
@@ -97,10 +98,18 @@ def _folder_name(name: str, taken: set[str]) -> str:
 
 
 def predict_volumes(
-    ckpt: str | Path, input: str | Path, output: str | Path, score_threshold: float | None = None, overwrite: bool = False
+    ckpt: str | Path,
+    input: str | Path,
+    output: str | Path,
+    score_threshold: float | None = None,
+    overwrite: bool = False,
+    max_decoded_bytes: int | None = None,
 ) -> VolumePredictReport:
     """Runs a 3D checkpoint over the scans of `input` and writes one folder of outputs per scan
-    under `output` (see the module docstring). Prints one line per scan and a summary."""
+    under `output` (see the module docstring). Prints one line per scan and a summary.
+
+    `max_decoded_bytes` refuses a scan whose header declares more voxel data (default: the
+    checkpoint's data.read.max_decoded_bytes, 1 GiB unless set in training)."""
     from medrpn.inference.predict import resolve_threshold
     from medrpn.training.lightning_module import module_from_checkpoint, read_module_checkpoint
 
@@ -110,6 +119,9 @@ def predict_volumes(
     if module.spatial_dims != 3:
         raise MedrpnError(f"{ckpt}: a 2D checkpoint; `medrpn predict` runs it on images")
     threshold, source, point = resolve_threshold(checkpoint, score_threshold)
+    if max_decoded_bytes is None:
+        read = (checkpoint.get("datamodule_hyper_parameters") or {}).get("read") or {}
+        max_decoded_bytes = int(read.get("max_decoded_bytes") or DEFAULT_MAX_DECODED_BYTES)
     model = ModelInfo(
         checkpoint=str(ckpt.resolve()), checkpoint_sha256=file_sha256(ckpt), class_names=list(module.class_names),
         score_threshold=threshold, threshold_source=source, operating_point=point, version=__version__,
@@ -125,7 +137,7 @@ def predict_volumes(
             print(f"medrpn predict: {scan.name}: kept the findings already in {folder} (--overwrite replaces them)", flush=True)
             continue
         try:
-            volume = read_volume(scan.path) if scan.series_uid is None else _read_series(scan)
+            volume = read_volume(scan.path, max_decoded_bytes) if scan.series_uid is None else _read_series(scan, max_decoded_bytes)
         except DataError as error:
             report.failed.append((scan.name, error.reason))
             print(f"medrpn predict: {scan.name}: skipped: {error.reason}", flush=True)
@@ -175,7 +187,7 @@ def _write_sr(path: Path, volume, findings, model: ModelInfo) -> tuple[str | Non
     return path.name, []
 
 
-def _read_series(scan: ScanInput):
+def _read_series(scan: ScanInput, max_decoded_bytes: int):
     from medrpn.data.dicom_series import read_dicom_series
 
-    return read_dicom_series(scan.path, scan.series_uid)
+    return read_dicom_series(scan.path, scan.series_uid, max_decoded_bytes)

@@ -14,8 +14,8 @@ operating point, and logs the table and plots as artifacts under `evaluation/tes
 Volumes (`spatial_dims: 3`, linked from the data module when the annotations are 3D): the
 detector is the 3D one (`model.volume`: backbone, anchors, and the windows whole scans are run
 in), trained on the data module's patches; validation and test run each whole scan window by
-window (`medrpn.model.sliding_window_3d`) and count per scan (FROC per scan, 3D IoU, 3D mAP).
-Proposal recall is not measured on volumes yet (proposals are not merged across windows).
+window (`medrpn.model.sliding_window_3d`) and count per scan (FROC per scan, 3D IoU, 3D mAP, and
+the recall of the RPN's proposals merged across windows the same way).
 
 RPN-only (`rpn_only: true`): the detector has no second stage, trains on the RPN losses alone,
 and is evaluated on its proposals as class-agnostic detections of one class, `RPN_ONLY_CLASS`
