@@ -178,9 +178,9 @@ def test_predict_on_volumes_writes_findings_per_scan_and_goes_on_past_a_broken_o
     documents = [json.loads((out / f / "findings.json").read_text()) for f in folders]
     series = [d for d in documents if d["scan"]["series_instance_uid"] is not None]
     assert len(series) == 4  # the DICOM series keep their UIDs, and get an SR
-    assert all(d["dicom"]["sr"] == "sr.dcm" for d in series)
+    assert all(d["dicom"]["sr"] == "sr.dcm" and d["dicom"]["gsps"] == ["gsps.dcm"] for d in series)
     assert all(d["dicom"]["sr"] is None and "not DICOM" in d["dicom"]["notes"][0] for d in documents if d not in series)
-    assert sum((out / f / "sr.dcm").is_file() for f in folders) == 4
+    assert sum((out / f / "sr.dcm").is_file() and (out / f / "gsps.dcm").is_file() for f in folders) == 4
     assert all(f["tracking_uid"] for d in series for f in d["findings"])
     # a second run keeps what is there; image-only options are refused for a 3D model
     again = medrpn("predict", "--ckpt", str(ckpt), "--input", str(work / "data" / "volumes"), "--output", str(out), cwd=work)

@@ -1,5 +1,5 @@
-"""The DICOM SR of a scan's findings when the scan is a DICOM series: each finding's box drawn on
-every slice it spans, in that slice's own pixel coordinates, referencing that slice's SOP
+"""The DICOM SR and GSPS of a scan's findings when the scan is a DICOM series: each finding's box
+drawn on every slice it spans, in that slice's own pixel coordinates, referencing that slice's SOP
 instance. Checked against the annotation CSV (boxes in the series' own column, row, slice
 indices) and against the slice order worked out here from each file's position, independently of
 medrpn's reader; and by dciodvfy where dicom3tools is installed."""
@@ -85,3 +85,36 @@ def test_boxes_go_back_to_the_files_own_axes():
     lps = geometry.boxes_from_file_index(boxes)
     assert not np.allclose(lps, boxes)
     assert geometry.file_index_boxes(lps) == pytest.approx(boxes)
+
+
+def test_the_presentation_state_draws_each_finding_on_the_slices_it_spans(tmp_path):
+    from medrpn.outputs.volume_gsps import build_volume_presentation_states
+
+    folder, rows = _series_with_lesions(tmp_path)
+    volume = read_volume(folder)
+    records, classes = read_annotations(tmp_path / "annotations.csv")
+    record = next(r for r in records if r.image_path == folder)
+    findings = make_volume_findings(record.boxes, np.full(len(record.boxes), 0.8), record.labels, classes, volume.geometry, 0.5)
+    files = [pydicom.dcmread(p, stop_before_pixels=True) for p in sorted(folder.iterdir())]
+    normal = np.cross(*np.asarray(files[0].ImageOrientationPatient, dtype=float).reshape(2, 3))
+    files.sort(key=lambda ds: float(np.dot(normal, np.asarray(ds.ImagePositionPatient, dtype=float))))
+    states, notes = build_volume_presentation_states([reference_header(ds) for ds in files], findings, volume.geometry, MODEL)
+    assert len(states) == 1 and notes == []
+    path = write_dicom(tmp_path / "gsps.dcm", states[0])
+    drawn: dict[str, list[tuple[str, list[float]]]] = {}
+    for annotation in pydicom.dcmread(path).GraphicAnnotationSequence:
+        uid = annotation.ReferencedImageSequence[0].ReferencedSOPInstanceUID
+        for graphic in annotation.GraphicObjectSequence:
+            drawn.setdefault(uid, []).append((graphic.TrackingUID, [float(v) for v in graphic.GraphicData]))
+    expected: dict[str, list[tuple[str, list[float]]]] = {}
+    for finding in findings:
+        x1, y1, z1, x2, y2, z2 = volume.geometry.file_index_boxes(finding.box_voxels)[0]
+        for k in range(int(round(z1)), int(round(z2))):
+            expected.setdefault(str(files[k].SOPInstanceUID), []).append(
+                (finding.tracking_uid, [round(float(v), 2) for v in (x1, y1, x2, y1, x2, y2, x1, y2, x1, y1)])
+            )
+    assert {uid: sorted(v) for uid, v in drawn.items()} == {uid: sorted(v) for uid, v in expected.items()}
+    if shutil.which("dciodvfy"):
+        result = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
+        errors = [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("Error")]
+        assert not errors, errors

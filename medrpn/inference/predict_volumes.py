@@ -10,12 +10,12 @@ folder per scan out.
 3. **write** per scan, into a folder named after it (made unique): ``findings.json`` (voxel and
    LPS millimetre coordinates, `medrpn.outputs.volume_findings`), ``montage.png`` (three planes
    through each finding, `medrpn.outputs.volume_montage`) and, for a DICOM series, ``sr.dcm`` (TID
-   1500, the finding's box on every slice it spans, `medrpn.outputs.volume_sr`). A scan whose
-   folder already holds findings is left alone unless ``overwrite``.
+   1500, the finding's box on every slice it spans, `medrpn.outputs.volume_sr`) and ``gsps.dcm``
+   (the same boxes as a presentation state, `medrpn.outputs.volume_gsps`). A scan whose folder
+   already holds findings is left alone unless ``overwrite``.
 
 The score threshold is chosen as for images (`medrpn.inference.predict.resolve_threshold`): the
 one given, else the checkpoint's operating point (picked per scan on validation scans), else 0.5.
-A GSPS for volumes is not written yet.
 """
 
 from __future__ import annotations
@@ -150,10 +150,10 @@ def predict_volumes(
             model.class_names, volume.geometry, threshold,
         )
         write_volume_montage(folder / MONTAGE_NAME, scaled, volume.spacing, findings, model.class_names)
-        sr, notes = _write_sr(folder / SR_NAME, volume, findings, model)
+        sr, gsps, notes = _write_dicom(folder, volume, findings, model)
         write_volume_findings_json(
             folder / FINDINGS_NAME, findings=findings, model=model, source=scan.name, geometry=volume.geometry,
-            meta=volume.meta, overlay=MONTAGE_NAME, sr=sr, notes=notes,
+            meta=volume.meta, overlay=MONTAGE_NAME, sr=sr, gsps=gsps, notes=notes,
         )
         report.written.append((scan.name, folder, len(findings)))
         print(f"medrpn predict: {scan.name}: {len(findings)} finding(s) -> {folder}", flush=True)
@@ -166,25 +166,31 @@ def predict_volumes(
     return report
 
 
-def _write_sr(path: Path, volume, findings, model: ModelInfo) -> tuple[str | None, list[str]]:
-    """The scan's SR when it is a series of single-frame DICOM files with the UIDs a reference
-    needs; else no SR and the reason, for findings.json."""
+def _write_dicom(folder: Path, volume, findings, model: ModelInfo) -> tuple[str | None, list[str], list[str]]:
+    """The scan's SR and presentation states when it is a series of single-frame DICOM files with
+    the UIDs a reference needs: (SR name, GSPS names, notes); else none and the reason."""
     import pydicom
 
     from medrpn.outputs.references import missing_uids, reference_header
     from medrpn.outputs.sr import write_dicom
+    from medrpn.outputs.study import gsps_name
+    from medrpn.outputs.volume_gsps import build_volume_presentation_states
     from medrpn.outputs.volume_sr import build_volume_report
 
     files = volume.meta.get("SliceFiles")
     if not files:
         kind = "an enhanced multi-frame DICOM file" if volume.meta.get("SeriesInstanceUID") else "not DICOM"
-        return None, [f"no DICOM SR: the scan is {kind} (SR for volumes: series of single-frame files)"]
+        return None, [], [f"no DICOM SR or GSPS: the scan is {kind} (for volumes: series of single-frame files)"]
     headers = [reference_header(pydicom.dcmread(f, stop_before_pixels=True)) for f in files]
     missing = sorted({uid for header in headers for uid in missing_uids(header)})
     if missing:
-        return None, [f"no DICOM SR: the series' files lack {', '.join(missing)}"]
-    write_dicom(path, build_volume_report(headers, findings, volume.geometry, model))
-    return path.name, []
+        return None, [], [f"no DICOM SR or GSPS: the series' files lack {', '.join(missing)}"]
+    write_dicom(folder / SR_NAME, build_volume_report(headers, findings, volume.geometry, model))
+    states, notes = build_volume_presentation_states(headers, findings, volume.geometry, model)
+    names = [gsps_name(i) for i in range(len(states))]
+    for name, state in zip(names, states):
+        write_dicom(folder / name, state)
+    return SR_NAME, names, notes
 
 
 def _read_series(scan: ScanInput, max_decoded_bytes: int):

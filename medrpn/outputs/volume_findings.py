@@ -32,7 +32,7 @@ Findings JSON for volumes, ``schema_version`` "volume-1.0", one ``findings.json`
           "tracking_uid": "2.25..." | null            # ... and its UID there (null: no SR)
         }
       ],
-      "dicom": {"sr": "sr.dcm" | null, "notes": ["..."]}
+      "dicom": {"sr": "sr.dcm" | null, "gsps": ["gsps.dcm", ...], "notes": ["..."]}
     }
 
 Coordinates are rounded to 2 decimals, scores to 4. Patient identifiers are never written.
@@ -121,7 +121,8 @@ def make_volume_findings(
 
 def write_volume_findings_json(
     path: str | Path, *, findings: list[VolumeFinding], model: ModelInfo, source: str, geometry: VolumeGeometry,
-    meta: dict[str, Any] | None = None, overlay: str | None = None, sr: str | None = None, notes: list[str] | None = None,
+    meta: dict[str, Any] | None = None, overlay: str | None = None, sr: str | None = None,
+    gsps: list[str] | None = None, notes: list[str] | None = None,
 ) -> Path:
     """Write one scan's findings file (schema in the module docstring), atomically."""
     meta = meta or {}
@@ -139,7 +140,7 @@ def write_volume_findings_json(
             "overlay": overlay,
         },
         "findings": [finding.to_dict() for finding in findings],
-        "dicom": {"sr": sr, "notes": list(notes or [])},
+        "dicom": {"sr": sr, "gsps": list(gsps or []), "notes": list(notes or [])},
     }
     text = json.dumps(document, indent=2, default=_json_default, allow_nan=False) + "\n"
     return write_atomically(path, text.encode("utf-8"))

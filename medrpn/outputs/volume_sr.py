@@ -54,6 +54,19 @@ def assign_volume_tracking(findings: Sequence[VolumeFinding], model: ModelInfo, 
             finding.tracking_uid = derived_uid("volume finding", model.checkpoint_sha256, model.score_threshold, series_uid, number)
 
 
+def slice_boxes(finding: VolumeFinding, geometry: VolumeGeometry, n_slices: int) -> list[tuple[int, list[float]]]:
+    """The finding's box on every slice of the series it spans: (slice index along the normal,
+    [column1, row1, column2, row2] in that slice's pixels, rounded as in every output).
+
+    The box goes from the volume's LPS-oriented voxels back to the series' own axes (the file
+    axes of a DICOM series are its columns, rows and slices)."""
+    c1, r1, s1, c2, r2, s2 = geometry.file_index_boxes(finding.box_voxels)[0]
+    first = max(0, math.floor(s1))
+    last = min(n_slices - 1, max(first, math.ceil(s2) - 1))
+    box = [round(float(v), 2) for v in (c1, r1, c2, r2)]
+    return [(k, box) for k in range(first, last + 1)]
+
+
 def slice_regions(finding: VolumeFinding, geometry: VolumeGeometry, slices: Sequence[Dataset]) -> list[hd.sr.ImageRegion]:
     """The finding's box as a closed polyline on every slice of the series it spans.
 
@@ -62,18 +75,15 @@ def slice_regions(finding: VolumeFinding, geometry: VolumeGeometry, slices: Sequ
         geometry: the volume's (its file axes are the series' columns, rows and slices).
         slices: reference headers of the series' slices, in the order along the normal.
     """
-    c1, r1, s1, c2, r2, s2 = geometry.file_index_boxes(finding.box_voxels)[0]
-    first = max(0, math.floor(s1))
-    last = min(len(slices) - 1, max(first, math.ceil(s2) - 1))
     return [
         hd.sr.ImageRegion(
             graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
-            graphic_data=box_polyline([round(c1, 2), round(r1, 2), round(c2, 2), round(r2, 2)]),
+            graphic_data=box_polyline(box),
             source_image=hd.sr.SourceImageForRegion(
                 referenced_sop_class_uid=slices[k].SOPClassUID, referenced_sop_instance_uid=slices[k].SOPInstanceUID
             ),
         )
-        for k in range(first, last + 1)
+        for k, box in slice_boxes(finding, geometry, len(slices))
     ]
 
 
