@@ -28,10 +28,11 @@ demo: setup
 # evaluation -> findings per scan (docs/usage.md, "Volumes (3D)").
 demo-volumes: setup
 	$(BIN)/medrpn synth --out demo/volumes --volumes 40 --seed 0
+	$(BIN)/medrpn synth --out demo/new_volumes --volumes 4 --seed 1000
 	$(BIN)/medrpn check-data --config configs/synth_volumes.yaml
 	$(BIN)/medrpn fit --config configs/synth_volumes.yaml
 	$(BIN)/medrpn evaluate --ckpt demo/volume_checkpoints/best.ckpt
-	$(BIN)/medrpn predict --ckpt demo/volume_checkpoints/best.ckpt --input demo/volumes/volumes --output demo/volume_findings --overwrite
+	$(BIN)/medrpn predict --ckpt demo/volume_checkpoints/best.ckpt --input demo/new_volumes/volumes --output demo/volume_findings --overwrite
 
 test: setup conformance-tools
 	$(BIN)/python -m pytest -q

@@ -58,6 +58,10 @@ def test_the_plan_covers_more_within_its_budget_and_is_deterministic():
     per_level = {len(s) * len(r) for s, r in zip(plan.anchors.sizes, plan.anchors.aspect_ratios)}
     assert len(per_level) == 1 and per_level.pop() <= 2  # the 3D RPN head: as many anchors on every level
     assert plan_anchors_3d(boxes, strides, budget=2, baseline=poor).anchors == plan.anchors
+    # the config's anchors are a starting point: the plan is never worse than them at their count
+    for budget in (1, 2):
+        start = plan_anchors_3d(boxes[:40], strides, budget=budget, baseline=Anchor3DConfig())
+        assert (start.planned.coverage, start.planned.mean_iou) >= (start.before.coverage, start.before.mean_iou)
 
 
 def test_medrpn_plan_on_volumes_writes_anchors_that_build_a_detector(tmp_path: Path):

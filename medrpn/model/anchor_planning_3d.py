@@ -136,6 +136,11 @@ def _candidates(boxes: np.ndarray, strides: list[tuple[int, int, int]], budget: 
     return candidates
 
 
+def _per_position(anchors: Anchor3DConfig) -> int:
+    """Anchor shapes per position: the most of any level (sizes x ratios)."""
+    return max(len(sizes) * len(ratios) for sizes, ratios in zip(anchors.sizes, anchors.aspect_ratios))
+
+
 def _moves(anchors: Anchor3DConfig):
     """Every config one size or one ratio component away, by each of the refinement's steps."""
     for step in REFINE_STEPS:
@@ -144,11 +149,17 @@ def _moves(anchors: Anchor3DConfig):
                 moved = [list(s) for s in anchors.sizes]
                 moved[level][i] = round(moved[level][i] * step, 3)
                 yield Anchor3DConfig(sizes=moved, aspect_ratios=anchors.aspect_ratios)
-        for i in range(len(anchors.aspect_ratios[0])):
-            for component in (0, 1):
-                ratios = [list(pair) for pair in anchors.aspect_ratios[0]]
-                ratios[i][component] = round(ratios[i][component] * step, 4)
-                yield Anchor3DConfig(sizes=anchors.sizes, aspect_ratios=[ratios] * len(anchors.sizes))
+        shared = all(level == anchors.aspect_ratios[0] for level in anchors.aspect_ratios)
+        for level in [None] if shared else range(len(anchors.aspect_ratios)):  # None: every level alike
+            own = anchors.aspect_ratios[0 if level is None else level]
+            for i in range(len(own)):
+                for component in (0, 1):
+                    ratios = [list(pair) for pair in own]
+                    ratios[i][component] = round(ratios[i][component] * step, 4)
+                    levels = [[list(p) for p in r] for r in anchors.aspect_ratios]
+                    for target in range(len(levels)) if level is None else [level]:
+                        levels[target] = ratios
+                    yield Anchor3DConfig(sizes=anchors.sizes, aspect_ratios=levels)
 
 
 def plan_anchors_3d(
@@ -161,7 +172,10 @@ def plan_anchors_3d(
         raise ConfigError("no box to plan 3D anchors from")
     if budget < 1:
         raise ConfigError(f"anchors per position must be at least 1, got {budget}")
-    best = max((score_3d(boxes, c, strides) for c in _candidates(boxes, strides, budget)), key=lambda s: s.rank)
+    candidates = _candidates(boxes, strides, budget)
+    if baseline is not None and _per_position(baseline) <= budget and len(baseline.sizes) == len(strides):
+        candidates.append(baseline)  # the plan starts from the config's anchors too: never worse than them
+    best = max((score_3d(boxes, c, strides) for c in candidates), key=lambda s: s.rank)
     for _ in range(REFINE_ROUNDS):
         moved = max((score_3d(boxes, c, strides) for c in _moves(best.anchors)), key=lambda s: s.rank)
         if moved.rank <= best.rank:
