@@ -222,3 +222,17 @@ def test_a_dicom_series_without_a_patient_column_is_grouped_by_its_patient_id(tm
     nifti = tmp_path / "volumes" / "vol001.nii.gz"
     keys = group_keys([Record(series, np.zeros((0, 6)), []), Record(nifti, np.zeros((0, 6)), [])])
     assert keys == [f"PatientID:{patient}", f"image:{nifti}"]
+
+
+def test_a_folder_holding_another_scans_findings_is_not_taken_as_this_ones(tmp_path: Path):
+    import json
+
+    from medrpn.inference.predict_volumes import FINDINGS_NAME, _folder_name, _written_for_another
+
+    (tmp_path / "vol000").mkdir()
+    (tmp_path / "vol000" / FINDINGS_NAME).write_text(json.dumps({"scan": {"source": "other/vol000"}}))
+    assert _written_for_another(tmp_path / "vol000", "vol000")
+    assert not _written_for_another(tmp_path / "vol000", "other/vol000")  # its own: kept or overwritten
+    assert not _written_for_another(tmp_path / "absent", "vol000")
+    taken: set[str] = set()
+    assert [_folder_name("vol000", taken), _folder_name("vol000", taken), _folder_name("a/b.nii.gz", taken)] == ["vol000", "vol000-2", "a_b"]

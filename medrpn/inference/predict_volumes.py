@@ -20,6 +20,7 @@ one given, else the checkpoint's operating point (picked per scan on validation 
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,6 +87,14 @@ def _common_parts(paths: list[tuple[str, ...]]) -> tuple[str, ...]:
     return common
 
 
+def _written_for_another(folder: Path, source: str) -> bool:
+    """Whether `folder` holds the findings of another scan (an earlier run's, of the same folder name)."""
+    try:
+        return json.loads((folder / FINDINGS_NAME).read_text())["scan"]["source"] != source
+    except (OSError, ValueError, KeyError, TypeError):
+        return False  # none there, or not a findings file of ours: this scan's to write
+
+
 def _folder_name(name: str, taken: set[str]) -> str:
     base = re.sub(r"(\.nii\.gz|\.nii|\.mhd|\.mha|\.nrrd|\.nhdr)$", "", name, flags=re.IGNORECASE)
     base = re.sub(r"[^A-Za-z0-9._-]+", "_", base).strip("._") or "scan"
@@ -132,6 +141,8 @@ def predict_volumes(
     taken: set[str] = set()
     for scan in find_scans(root):
         folder = output / _folder_name(scan.name, taken)
+        while _written_for_another(folder, scan.name):  # an earlier run's other scan of the same name
+            folder = output / _folder_name(scan.name, taken)
         if (folder / FINDINGS_NAME).exists() and not overwrite:
             report.kept.append((scan.name, folder))
             print(f"medrpn predict: {scan.name}: kept the findings already in {folder} (--overwrite replaces them)", flush=True)
@@ -149,18 +160,23 @@ def predict_volumes(
             found["boxes"].cpu().numpy(), found["scores"].cpu().numpy(), found["labels"].cpu().numpy(),
             model.class_names, volume.geometry, threshold,
         )
-        write_volume_montage(folder / MONTAGE_NAME, scaled, volume.spacing, findings, model.class_names)
-        sr, gsps, notes = _write_dicom(folder, volume, findings, model)
-        write_volume_findings_json(
-            folder / FINDINGS_NAME, findings=findings, model=model, source=scan.name, geometry=volume.geometry,
-            meta=volume.meta, overlay=MONTAGE_NAME, sr=sr, gsps=gsps, notes=notes,
-        )
+        try:  # findings.json last: a folder without it is redone by the next run
+            write_volume_montage(folder / MONTAGE_NAME, scaled, volume.spacing, findings, model.class_names)
+            sr, gsps, notes = _write_dicom(folder, volume, findings, model)
+            write_volume_findings_json(
+                folder / FINDINGS_NAME, findings=findings, model=model, source=scan.name, geometry=volume.geometry,
+                meta=volume.meta, overlay=MONTAGE_NAME, sr=sr, gsps=gsps, notes=notes,
+            )
+        except OSError as error:
+            report.failed.append((scan.name, f"cannot write {error.filename or folder}: {error.strerror or error}"))
+            print(f"medrpn predict: {scan.name}: not written: {error.strerror or error} ({error.filename or folder})", flush=True)
+            continue
         report.written.append((scan.name, folder, len(findings)))
         print(f"medrpn predict: {scan.name}: {len(findings)} finding(s) -> {folder}", flush=True)
     total = sum(n for _, _, n in report.written)
     print(
         f"medrpn predict: {len(report.written)} scan(s) analysed, {total} finding(s) at score >= {threshold:.4g} "
-        f"({source}); {len(report.kept)} kept, {len(report.failed)} could not be read",
+        f"({source}); {len(report.kept)} kept, {len(report.failed)} could not be read or written",
         flush=True,
     )
     return report
