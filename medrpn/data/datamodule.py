@@ -78,9 +78,14 @@ class LesionDataModule(L.LightningDataModule):
             often); see `medrpn.data.sampling`. All of them shard over DDP ranks.
         patches: how training patches are cut from volumes (3D annotations only; `image_size`,
             `augment`, `read`, `cache` and `sampler` are for images).
+        sequences: volumes only: file (or DICOM series folder) names of co-registered sequences
+            beside each annotated scan, e.g. [FLAIR.nii.gz, T1.nii.gz, T2.nii.gz], read as the
+            input channels in this order (`model.volume.backbone.in_channels` must be as many);
+            each must lie on the annotated scan's grid. None: the annotated scan alone.
 
     Attributes:
         spatial_dims: 2 (images) or 3 (volumes), from the annotations; linked to the model.
+        in_channels: input channels of a volume (the sequences, else 1).
     """
 
     def __init__(
@@ -103,6 +108,7 @@ class LesionDataModule(L.LightningDataModule):
         on_error: str = "skip",
         sampler: str = "random",
         patches: PatchConfig = PatchConfig(),
+        sequences: list[str] | None = None,
     ) -> None:
         super().__init__()
         check_sampler(sampler)
@@ -134,6 +140,7 @@ class LesionDataModule(L.LightningDataModule):
                 "on_error": on_error,
                 "sampler": sampler,
                 "patches": asdict(self.patches),
+                "sequences": None if sequences is None else list(sequences),
             },
             logger=False,
         )
@@ -148,7 +155,8 @@ class LesionDataModule(L.LightningDataModule):
         self.groups = dict(zip((r.key for r in self.records), keys))
         self.splits = self._split(self.records)
         self.images = ImageCache(self.cache_config, self.read, image_size)
-        self.volumes = VolumeStore()
+        self.volumes = VolumeStore(sequences)
+        self.in_channels = len(sequences) if sequences else 1
         self._checked = False
 
     @staticmethod

@@ -1,8 +1,9 @@
 """Volumes for `LesionDataModule`: read and checked once, then patches for training and whole
 scans for evaluation, in the batch format of `medrpn.data.batch` with a third axis.
 
-- `VolumeStore` reads every scan of the splits before the first step, scales it to [0, 1]
-  (`scale_to_unit`) and keeps it in memory; a scan whose voxels cannot be read (truncated,
+- `VolumeStore` reads every scan of the splits before the first step (with `sequences`, each
+  co-registered sequence beside it as one more channel), scales it to [0, 1] (`scale_to_unit`)
+  and keeps it in memory; a scan whose voxels cannot be read (truncated,
   corrupt, too large) is a data problem of that scan, reported and left out under `on_error:
   skip`. Headers were already read with the annotations.
 - Training: `VolumePatches` crops (balanced between lesion and background, flipped), drawn anew
@@ -16,6 +17,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,7 +25,9 @@ import torch
 from torch.utils.data import Dataset, DistributedSampler
 
 from medrpn.data.records import Record
-from medrpn.data.volume_files import read_volume
+from medrpn.data.limits import DEFAULT_MAX_DECODED_BYTES
+from medrpn.data.volume import Volume
+from medrpn.data.volume_files import read_volume, read_volume_geometry
 from medrpn.data.volume_patches import VolumePatches, scale_to_unit
 from medrpn.errors import ConfigError, DataError
 
@@ -55,10 +59,53 @@ class PatchConfig:
             raise ConfigError(f"data.patches.positive_fraction must be in [0, 1], got {self.positive_fraction}")
 
 
-class VolumeStore:
-    """Every scan's voxels, scaled to [0, 1], read once and kept (by record key), with its spacing."""
+def channel_paths(reference: Path, sequences: Sequence[str] | None) -> list[Path]:
+    """The files (or DICOM series folders) read as input channels for a scan: the scan itself, or
+    each of `sequences` beside it (names in the scan's folder, in channel order)."""
+    if not sequences:
+        return [Path(reference)]
+    return [Path(reference).parent / name for name in sequences]
 
-    def __init__(self) -> None:
+
+def read_channels(
+    reference: Path, sequences: Sequence[str] | None, max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES
+) -> tuple[Volume, np.ndarray]:
+    """A scan and its co-registered sequences: the reference scan's `Volume` (geometry and
+    identifiers) and the channels (C, X, Y, Z) scaled to [0, 1] each.
+
+    Every sequence must lie on the reference's grid (same shape and voxel-to-mm transform within
+    0.01 mm): medrpn does not resample yet, so one that does not is a `DataError` naming both.
+    """
+    paths = channel_paths(reference, sequences)
+    first = read_volume(paths[0], max_decoded_bytes)
+    if not sequences:
+        return first, scale_to_unit(first.array)[None]
+    grid = first.geometry if Path(reference) == paths[0] else read_volume_geometry(reference, max_decoded_bytes)
+    channels = []
+    for path in paths:
+        volume = first if path == paths[0] else read_volume(path, max_decoded_bytes)
+        if volume.shape != grid.shape or not np.allclose(volume.affine, grid.affine, atol=0.01):
+            raise DataError(
+                path,
+                f"not on the grid of {Path(reference).name} (shape {volume.shape} against {grid.shape}, or another "
+                "voxel-to-mm transform): sequences used as channels must be co-registered on one grid",
+            )
+        channels.append(scale_to_unit(volume.array))
+    reference_volume = first if Path(reference) == paths[0] else read_volume(reference, max_decoded_bytes)
+    return reference_volume, np.stack(channels)
+
+
+class VolumeStore:
+    """Every scan's channels (C, X, Y, Z), scaled to [0, 1], read once and kept (by record key),
+    with its spacing.
+
+    Args:
+        sequences: file names of co-registered sequences beside each annotated scan, read as its
+            channels in this order (`read_channels`); None: the annotated scan alone.
+    """
+
+    def __init__(self, sequences: Sequence[str] | None = None) -> None:
+        self.sequences = list(sequences) if sequences else None
         self.arrays: dict[str, np.ndarray] = {}
         self.spacings: dict[str, tuple[float, float, float]] = {}
 
@@ -68,11 +115,11 @@ class VolumeStore:
             if record.key in self.arrays:
                 continue
             try:
-                volume = read_volume(record.image_path)
+                volume, channels = read_channels(record.image_path, self.sequences)
             except DataError as error:
                 unreadable(record, error)
                 continue
-            self.arrays[record.key] = scale_to_unit(volume.array)
+            self.arrays[record.key] = channels
             self.spacings[record.key] = volume.spacing
 
     @property
@@ -122,7 +169,7 @@ class TrainingPatches(Dataset):
 
 
 class WholeVolumes(Dataset):
-    """Whole scans for evaluation: image (1, X, Y, Z), target in scan voxels, meta with the spacing."""
+    """Whole scans for evaluation: image (C, X, Y, Z), target in scan voxels, meta with the spacing."""
 
     def __init__(self, records: Sequence[Record], store: VolumeStore) -> None:
         self.records = list(records)
@@ -137,14 +184,14 @@ class WholeVolumes(Dataset):
         if array is None:  # left out at setup (reported there)
             return None
         return {
-            "image": torch.from_numpy(array[None]),
+            "image": torch.from_numpy(array),
             "target": {"boxes": torch.as_tensor(record.boxes, dtype=torch.float32).reshape(-1, 6),
                        "labels": torch.as_tensor(record.labels, dtype=torch.int64)},
             "meta": {
                 "path": str(record.image_path),
                 "scale": 1.0,
                 "spacing": self.store.spacings[record.key],
-                "original_size": tuple(array.shape),
+                "original_size": tuple(array.shape[1:]),
                 "patient_id": record.patient_id,
             },
         }

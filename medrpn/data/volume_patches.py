@@ -9,7 +9,7 @@ by the crop is clipped to it, one cut to nothing is dropped), then random flips 
 and kept in memory, their intensities scaled to [0, 1] between the 0.5th and 99.5th percentiles
 of the scan (MR has no fixed scale; for CT a window is the better choice, and a later setting).
 
-Items are (patch (1, X, Y, Z) float32, {"boxes" (N, 6) float32 patch voxels, "labels" (N,) int64}),
+Items are (patch (C, X, Y, Z) float32 (C: the sequences, 1 for a single scan), {"boxes" (N, 6) float32 patch voxels, "labels" (N,) int64}),
 the batch contract of the 2D data (`medrpn.data.records`) with a third axis.
 """
 
@@ -44,8 +44,8 @@ class VolumePatches(Dataset):
         samples_per_volume: patches drawn from each volume per epoch.
         flip: flip patches at random along each axis.
         seed: seed of the crops and flips (each item derives its own from it).
-        volumes: the records' voxels already scaled (`scale_to_unit`), by record key; by default
-            each volume is read on first use and kept.
+        volumes: the records' voxels already scaled (`scale_to_unit`), (C, X, Y, Z) or (X, Y, Z),
+            by record key; by default each volume is read on first use and kept.
 
     Index i + e * len(self) is item i drawn for epoch `epoch + e` (`EpochPatchSampler` yields
     such indices, so every epoch gets new crops in worker processes too).
@@ -78,10 +78,11 @@ class VolumePatches(Dataset):
         return len(self.records) * self.samples_per_volume
 
     def volume(self, record: Record) -> np.ndarray:
-        """The record's voxels scaled to [0, 1], read once."""
+        """The record's voxels scaled to [0, 1], (C, X, Y, Z), read once."""
         if record.key not in self._volumes:
-            self._volumes[record.key] = scale_to_unit(read_volume(record.image_path).array)
-        return self._volumes[record.key]
+            self._volumes[record.key] = scale_to_unit(read_volume(record.image_path).array)[None]
+        volume = self._volumes[record.key]
+        return volume if volume.ndim == 4 else volume[None]
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         from monai.apps.detection.transforms.dictionary import RandCropBoxByPosNegLabeld, RandFlipBoxd
@@ -89,7 +90,7 @@ class VolumePatches(Dataset):
         later, index = divmod(index, len(self))
         record = self.records[index // self.samples_per_volume]
         rng_seed = (self.seed, self.epoch + later, index)
-        image = self.volume(record)[None]
+        image = self.volume(record)
         data = {"image": image, "boxes": record.boxes.astype(np.float32), "labels": record.labels.astype(np.int64)}
         if len(record.boxes):
             size = tuple(min(p, n) for p, n in zip(self.patch_size, image.shape[1:]))  # MONAI refuses a larger crop

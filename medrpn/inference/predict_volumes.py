@@ -5,7 +5,9 @@ folder per scan out.
    and every DICOM series (by SeriesInstanceUID, `medrpn.data.dicom_series.find_series`) under an
    input folder.
 2. **detect** on each whole scan, window by window, with the model loaded once
-   (`LesionDetectionModule.detect_scan`; intensities scaled as in training). A scan that cannot be
+   (`LesionDetectionModule.detect_scan`; intensities scaled as in training; a model trained on
+   several sequences (`data.sequences`) reads them beside each scan as its channels, and the
+   scans are found by the first sequence's name). A scan that cannot be
    read is listed with the reason and the run goes on.
 3. **write** per scan, into a folder named after it (made unique): ``findings.json`` (voxel and
    LPS millimetre coordinates, `medrpn.outputs.volume_findings`), ``montage.png`` (three planes
@@ -29,7 +31,7 @@ import torch
 
 from medrpn import __version__
 from medrpn.data.limits import DEFAULT_MAX_DECODED_BYTES
-from medrpn.data.volume_files import is_volume_file, read_volume
+from medrpn.data.volume_files import is_volume_file
 from medrpn.data.volume_patches import scale_to_unit
 from medrpn.errors import DataError, MedrpnError
 from medrpn.outputs.findings import ModelInfo, file_sha256
@@ -59,12 +61,19 @@ class VolumePredictReport:
     failed: list[tuple[str, str]] = field(default_factory=list)
 
 
-def find_scans(root: Path) -> list[ScanInput]:
-    """The scans of `root`: a volume file, or the volume files and DICOM series under a folder."""
+def find_scans(root: Path, sequences: list[str] | None = None) -> list[ScanInput]:
+    """The scans of `root`: a volume file, or the volume files and DICOM series under a folder;
+    for a model trained on `sequences`, every file or folder named as the first of them (its
+    other sequences are read beside it), named after the folder holding them."""
     from medrpn.data.dicom_series import find_series
 
     if not root.exists():
         raise MedrpnError(f"{root}: input not found")
+    if sequences:
+        found = [root] if root.name == sequences[0] else sorted(root.rglob(sequences[0]))
+        if not found:
+            raise MedrpnError(f"{root}: no {sequences[0]} here (the model reads the sequences {', '.join(sequences)} as channels)")
+        return [ScanInput(p, name=str(p.parent.relative_to(root)) if p != root and p.parent != root else p.parent.name) for p in found]
     if root.is_file():
         if not is_volume_file(root):
             raise MedrpnError(f"{root}: not a volume file (NIfTI .nii/.nii.gz, MetaImage .mhd/.mha, NRRD .nrrd)")
@@ -139,7 +148,8 @@ def predict_volumes(
     module = module.to(device).eval()
     report = VolumePredictReport()
     taken: set[str] = set()
-    for scan in find_scans(root):
+    sequences = (checkpoint.get("datamodule_hyper_parameters") or {}).get("sequences") or None
+    for scan in find_scans(root, sequences):
         folder = output / _folder_name(scan.name, taken)
         while _written_for_another(folder, scan.name):  # an earlier run's other scan of the same name
             folder = output / _folder_name(scan.name, taken)
@@ -148,20 +158,19 @@ def predict_volumes(
             print(f"medrpn predict: {scan.name}: kept the findings already in {folder} (--overwrite replaces them)", flush=True)
             continue
         try:
-            volume = read_volume(scan.path, max_decoded_bytes) if scan.series_uid is None else _read_series(scan, max_decoded_bytes)
+            volume, channels = _read_scan(scan, sequences, max_decoded_bytes)
         except DataError as error:
             report.failed.append((scan.name, error.reason))
             print(f"medrpn predict: {scan.name}: skipped: {error.reason}", flush=True)
             continue
-        scaled = scale_to_unit(volume.array)
         with torch.no_grad():
-            found = module.detect_scan(torch.from_numpy(scaled)[None].to(device))
+            found = module.detect_scan(torch.from_numpy(channels).to(device))
         findings = make_volume_findings(
             found["boxes"].cpu().numpy(), found["scores"].cpu().numpy(), found["labels"].cpu().numpy(),
             model.class_names, volume.geometry, threshold,
         )
         try:  # findings.json last: a folder without it is redone by the next run
-            write_volume_montage(folder / MONTAGE_NAME, scaled, volume.spacing, findings, model.class_names)
+            write_volume_montage(folder / MONTAGE_NAME, channels[0], volume.spacing, findings, model.class_names)
             sr, gsps, notes = _write_dicom(folder, volume, findings, model)
             write_volume_findings_json(
                 folder / FINDINGS_NAME, findings=findings, model=model, source=scan.name, geometry=volume.geometry,
@@ -209,7 +218,12 @@ def _write_dicom(folder: Path, volume, findings, model: ModelInfo) -> tuple[str 
     return SR_NAME, names, notes
 
 
-def _read_series(scan: ScanInput, max_decoded_bytes: int):
+def _read_scan(scan: ScanInput, sequences: list[str] | None, max_decoded_bytes: int):
+    """The scan's `Volume` (of its first sequence) and its channels (C, X, Y, Z) scaled as in training."""
     from medrpn.data.dicom_series import read_dicom_series
+    from medrpn.data.volume_loading import read_channels
 
-    return read_dicom_series(scan.path, scan.series_uid, max_decoded_bytes)
+    if sequences or scan.series_uid is None:
+        return read_channels(scan.path, sequences, max_decoded_bytes)
+    volume = read_dicom_series(scan.path, scan.series_uid, max_decoded_bytes)
+    return volume, scale_to_unit(volume.array)[None]

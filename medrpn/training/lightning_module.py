@@ -318,6 +318,16 @@ class LesionDetectionModule(L.LightningModule):
         self.mlflow_run: dict[str, str] | None = None  # the run a loaded checkpoint came from
         self.last_test_report: EvaluationReport | None = None
 
+    def setup(self, stage: str) -> None:
+        """Refuses, before any step, volumes with another number of channels than the model takes."""
+        datamodule = self.trainer.datamodule  # setup runs inside a Trainer; None with bare dataloaders
+        channels = getattr(datamodule, "in_channels", None)
+        if self.spatial_dims == 3 and channels is not None and channels != self.volume.backbone.in_channels:
+            raise ConfigError(
+                f"the volumes have {channels} channel(s) (data.sequences) but model.volume.backbone.in_channels "
+                f"is {self.volume.backbone.in_channels}: set them alike"
+            )
+
     def on_fit_start(self) -> None:
         """Loads `init_weights` into a fit that starts afresh; a resumed one (its checkpoint already
         restored by now) goes on from its own weights, and needs no init file."""
