@@ -6,6 +6,7 @@ series' own column, row, slice indices) give the same boxes; `medrpn check-data`
 from __future__ import annotations
 
 import csv
+import locale
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,18 @@ MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
 
 
 def write_gdcm_series(nifti: Path, folder: Path, uid_root: str) -> None:
-    """`nifti` as a DICOM series written by SimpleITK's GDCM writer (16-bit, one file a slice)."""
+    """`nifti` as a DICOM series written by SimpleITK's GDCM writer (16-bit, one file a slice).
+
+    GDCM sets the process locale to "C" (found here: Python's default encoding then reads ASCII,
+    and later tests decoding UTF-8 output failed), so the locale is put back afterwards."""
+    saved = locale.setlocale(locale.LC_ALL)
+    try:
+        _write_gdcm_series(nifti, folder, uid_root)
+    finally:
+        locale.setlocale(locale.LC_ALL, saved)
+
+
+def _write_gdcm_series(nifti: Path, folder: Path, uid_root: str) -> None:
     import SimpleITK as sitk
 
     image = sitk.ReadImage(str(nifti))
@@ -92,3 +104,10 @@ def test_check_data_reads_the_gdcm_series(gdcm_data: Path):
     output = result.stdout + result.stderr
     assert "scans         found 3, readable 3, unreadable 0" in output, output[-3000:]
     assert "40 x 40 x 16 voxels of 0.90 x 0.90 x 3.00 mm" in output
+
+
+def test_writing_the_series_leaves_the_locale_as_it_was(tmp_path: Path):
+    write_synthetic_volumes(tmp_path, n_volumes=2, shape=(40, 40, 16), seed=1)
+    before = locale.setlocale(locale.LC_ALL)
+    write_gdcm_series(tmp_path / "volumes" / "vol001.nii.gz", tmp_path / "series", "1.2.826.0.1.3680043.9.7433.99")
+    assert locale.setlocale(locale.LC_ALL) == before

@@ -39,7 +39,8 @@ _KEY = pytest.StashKey[TrainedRun]()
 def medrpn(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.run(
-        [sys.executable, "-m", "medrpn", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+        [sys.executable, "-m", "medrpn", *args], cwd=cwd, env=env, capture_output=True, timeout=600,
+        encoding="utf-8", errors="replace",  # progress bars and Lightning's tips are UTF-8 whatever the locale
     )
 
 

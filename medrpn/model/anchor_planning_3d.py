@@ -6,7 +6,8 @@ foreground IoU), the mean best IoU breaking ties. Anchors sit at cell centres
 (`medrpn.model.anchors_3d`), every shape of a level at every position, so for one anchor shape
 the best-placed anchor for a box is the one at the centre of the cell holding the box's centre
 (the overlap along each axis only shrinks as the centres move apart): the best IoU is computed
-from that offset alone, for boxes anywhere in a scan of any size, without making the grid.
+from that offset alone, for boxes anywhere in a scan of any size, without making the grid (a box
+centred in a scan's last, partial cell is scored as if that cell had anchors).
 
 The plan, as in 2D, is deterministic: candidates from quantiles of the boxes' sizes (the side of
 the cube of equal volume, voxels) and shapes (h/w, d/w, voxels), a box going to the coarsest
