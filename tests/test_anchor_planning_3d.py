@@ -82,3 +82,31 @@ def test_medrpn_plan_on_volumes_writes_anchors_that_build_a_detector(tmp_path: P
     with torch.no_grad():
         found = detector(torch.rand(1, 1, 32, 32, 16)).detections[0]
     assert found["boxes"].shape[1] == 6
+
+
+def test_fit_with_volume_anchors_auto_plans_them_and_records_the_plan(tmp_path: Path):
+    from medrpn.data.synth_volumes import write_synthetic_volumes
+
+    write_synthetic_volumes(tmp_path / "data", n_volumes=6, shape=(40, 40, 16), seed=4)
+    result = medrpn(
+        "fit", "--config", str(REPO / "configs" / "synth_volumes.yaml"),
+        "--data.annotations", str(tmp_path / "data" / "annotations.csv"), "--data.num_workers", "0",
+        "--data.val_fraction", "0.34", "--data.test_fraction", "0.0", "--data.patches.size", "[32, 32, 16]",
+        "--model.volume.window", "[40, 40, 16]", "--model.volume.anchors", "auto", "--model.anchors_per_position", "2",
+        "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "1", cwd=tmp_path,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    assert "medrpn: 3D anchors planned from the training boxes" in output
+    checkpoint = torch.load(tmp_path / "demo" / "volume_checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    anchors = checkpoint["hyper_parameters"]["volume"]["anchors"]
+    assert isinstance(anchors, dict) and len(anchors["sizes"]) == 4
+    assert max(len(s) * len(r) for s, r in zip(anchors["sizes"], anchors["aspect_ratios"])) <= 2
+
+
+def test_the_module_in_python_asks_for_planned_anchors_instead_of_auto():
+    from medrpn.errors import ConfigError
+    from medrpn.training.lightning_module import LesionDetectionModule
+
+    with pytest.raises(ConfigError, match="plan_volume_anchors"):
+        LesionDetectionModule(class_names=["a"], spatial_dims=3, volume=VolumeModelConfig(anchors="auto"))

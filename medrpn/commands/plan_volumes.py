@@ -5,6 +5,7 @@ Like the 2D plan it reads only the training split (the split `medrpn fit` will u
 coverage (share of boxes with an anchor at 3D IoU >= 0.5) and mean best IoU of the config's
 anchors and of the plan, overall and per class; `--output NEW.yaml` writes `model.volume.anchors`
 as a config to give after yours. No voxels are read: boxes and headers are enough.
+`plan_volume_anchors` is also what `model.volume.anchors: auto` runs when a `medrpn` run starts.
 """
 
 from __future__ import annotations
@@ -41,13 +42,16 @@ def plan_volume_anchors(config: dict[str, Any], budget: int, source: str) -> tup
         dm = LesionDataModule(**data, on_error="skip")
     finally:
         quiet.setLevel(level)
+    if dm.spatial_dims != 3:
+        raise ConfigError(f"{source}: model.volume.anchors: auto plans 3D anchors, but the annotations are 2D boxes")
     train = dm.splits["train"]
     boxes = np.concatenate([r.boxes for r in train]).astype(np.float64) if train else np.zeros((0, 6))
     labels = np.concatenate([r.labels for r in train]) if train else np.zeros(0, np.int64)
     if len(boxes) == 0:
         raise DataError(data.get("annotations", source), "no box in the training split: nothing to plan anchors from")
     settings = _volume_settings(config)
-    plan = plan_anchors_3d(boxes, level_strides(settings.backbone), budget, settings.anchors)
+    baseline = None if settings.anchors == "auto" else settings.anchors
+    plan = plan_anchors_3d(boxes, level_strides(settings.backbone), budget, baseline)
     return plan, boxes, labels, list(dm.class_names)
 
 

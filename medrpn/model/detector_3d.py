@@ -12,6 +12,7 @@ voxels) and aspect ratios ((h/w, d/w) pairs), placed at cell centres by `medrpn.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from medrpn.errors import ConfigError
 from medrpn.model.detector import LesionDetector
@@ -83,14 +84,15 @@ class VolumeModelConfig:
 
     Attributes:
         backbone: the 3D ResNet + FPN.
-        anchors: 3D anchors per pyramid level.
+        anchors: 3D anchors per pyramid level; "auto": planned from the training boxes by the
+            `medrpn` command when a run starts (`medrpn plan`'s 3D plan, `anchors_per_position` shapes).
         window: window size along x, y, z in voxels for whole scans (clipped to the scan).
         window_overlap: share of a window its neighbours overlap; a lesion is found whole in some
             window when the overlap in voxels exceeds its size.
     """
 
     backbone: Backbone3DConfig = field(default_factory=Backbone3DConfig)
-    anchors: Anchor3DConfig = field(default_factory=Anchor3DConfig)
+    anchors: Anchor3DConfig | Literal["auto"] = field(default_factory=Anchor3DConfig)
     window: list[int] = field(default_factory=lambda: [64, 64, 32])
     window_overlap: float = 0.5
 

@@ -131,6 +131,17 @@ class MedrpnCLI(LightningCLI):
                 "32-true on such a CPU; use --trainer.precision 32-true here",
                 file=sys.stderr, flush=True,
             )
+        volume = config.model.get("volume")
+        if volume is not None and volume.anchors == AUTO:
+            from medrpn.commands.plan_volumes import plan_volume_anchors  # `medrpn plan`'s 3D plan
+
+            plan, *_ = plan_volume_anchors(config.as_dict(), config.model.anchors_per_position, "the config")
+            volume.anchors = Namespace(sizes=plan.anchors.sizes, aspect_ratios=plan.anchors.aspect_ratios)
+            print(
+                f"medrpn: 3D anchors planned from the training boxes: sizes {plan.anchors.sizes}, (h/w, d/w) ratios "
+                f"{plan.anchors.aspect_ratios[0]}; coverage {plan.planned.coverage:.1%} at 3D IoU 0.5",
+                flush=True,
+            )
         if config.model.anchors != AUTO:
             return
         from medrpn.commands.plan import plan_for_config  # what `medrpn plan` prints, run for `anchors: auto`

@@ -237,7 +237,12 @@ class LesionDetectionModule(L.LightningModule):
         self.spatial_dims = int(spatial_dims)
         self.volume = _as(VolumeModelConfig, volume)
         if anchors == AUTO and self.spatial_dims == 3:
-            raise ConfigError("anchors: 'auto' is planned for images only so far; for volumes give model.volume.anchors")
+            raise ConfigError("model.anchors: 'auto' is for images; for volumes set model.volume.anchors: auto")
+        if self.volume.anchors == AUTO:
+            raise ConfigError(
+                "model.volume.anchors: 'auto' is planned from the training boxes by the medrpn command; in Python, "
+                "plan them with medrpn.commands.plan_volumes.plan_volume_anchors(config, ...) and pass the plan's anchors"
+            )
         if anchors == AUTO:
             raise ConfigError(
                 "anchors: 'auto' is planned from the training boxes by the medrpn command; in Python, "
