@@ -212,15 +212,19 @@ def build_measurement_report(
         is_complete=True,
         series_description="medrpn findings (SR)",
     )
-    labels = [finding.label for _, image in images for finding in image.findings]
+    name_private_scheme(document, [finding.label for _, image in images for finding in image.findings])
+    return document
+
+
+def name_private_scheme(document: Dataset, labels: Sequence[str]) -> None:
+    """Names medrpn's private coding scheme in `document` when a class among `labels` is coded in
+    it: a coding scheme that is not DICOM's own is named in the document (PS3.3 C.12.1.1.2)."""
     if any(class_code(label).scheme_designator == PRIVATE_SCHEME for label in labels):
-        # a coding scheme that is not DICOM's own is named in the document (PS3.3 C.12.1.1.2)
         scheme = Dataset()
         scheme.CodingSchemeDesignator = PRIVATE_SCHEME
         scheme.CodingSchemeName = "medrpn class names"
         scheme.CodingSchemeResponsibleOrganization = "medrpn"
         document.CodingSchemeIdentificationSequence = [scheme]
-    return document
 
 
 def write_dicom(path: str | Path, dataset: Dataset) -> Path:

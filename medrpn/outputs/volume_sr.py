@@ -34,11 +34,11 @@ from medrpn.outputs.references import derived_uid
 from medrpn.outputs.sr import (
     CERTAINTY,
     NO_UNITS,
-    PRIVATE_SCHEME,
     SR_SERIES_NUMBER,
     _algorithm,
     box_polyline,
     class_code,
+    name_private_scheme,
 )
 from medrpn.outputs.volume_findings import VolumeFinding
 
@@ -149,10 +149,5 @@ def build_volume_report(
         is_complete=True,
         series_description="medrpn findings (SR)",
     )
-    if any(class_code(f.label).scheme_designator == PRIVATE_SCHEME for f in findings):
-        scheme = Dataset()
-        scheme.CodingSchemeDesignator = PRIVATE_SCHEME
-        scheme.CodingSchemeName = "medrpn class names"
-        scheme.CodingSchemeResponsibleOrganization = "medrpn"
-        document.CodingSchemeIdentificationSequence = [scheme]
+    name_private_scheme(document, [f.label for f in findings])
     return document
