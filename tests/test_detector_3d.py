@@ -77,3 +77,27 @@ def test_what_is_2d_only_is_refused_by_name():
         build_detector_3d(Detector3DConfig(num_classes=1, rpn=RPNConfig(sampler="quality_focal")))
     with pytest.raises(ConfigError, match="give anchors for 4"):
         build_detector_3d(Detector3DConfig(num_classes=1, anchors=Anchor3DConfig(sizes=[[4.0]], aspect_ratios=[[[1.0, 1.0]]])))
+
+
+def test_the_3d_giou_box_loss_is_zero_for_the_exact_box_and_trains():
+    from medrpn.model.roi_heads import RoIConfig
+
+    config = Detector3DConfig(num_classes=2, roi=RoIConfig(output_size=4, representation_size=64, batch_size_per_image=32, box_loss="giou"))
+    heads = build_detector_3d(config).roi_heads
+    rois = torch.tensor([[2.0, 2.0, 2.0, 12.0, 14.0, 8.0], [0.0, 0.0, 0.0, 6.0, 6.0, 6.0]])
+    lesions = torch.tensor([[3.0, 1.0, 2.0, 13.0, 12.0, 9.0], [0.0, 0.0, 0.0, 6.0, 6.0, 6.0]])
+    labels = torch.tensor([2, 0])
+    targets = heads.box_coder.encode_single(lesions, rois)
+    deltas = torch.zeros(2, 3 * 6)
+    deltas[0, 12:] = targets[0]
+    logits = torch.zeros(2, 3)
+    assert heads._losses(logits, deltas, labels, targets, rois)["loss_box_reg"].abs() < 1e-5
+    # zero offsets keep the RoI: 10 x (1 - GIoU) / 2 RoIs, by hand: intersection 9 x 10 x 6 = 540,
+    # union 720 + 770 - 540 = 950, enclosing box 11 x 13 x 7 = 1001
+    zero = heads._losses(logits, torch.zeros(2, 18), labels, targets, rois)["loss_box_reg"]
+    giou = 540 / 950 - (1001 - 950) / 1001
+    assert abs(float(zero) - 10 * (1 - giou) / 2) < 1e-4
+    model = build_detector_3d(config).train()
+    images, batch_targets = _batch()
+    model(images, batch_targets).losses["loss_box_reg"].backward()
+    assert model.roi_heads.bbox_pred.weight.grad.abs().sum() > 0

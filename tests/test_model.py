@@ -264,3 +264,57 @@ def test_roi_context_pools_the_enlarged_box_beside_the_box_and_trains():
     assert model.roi_heads.box_head.fc6.weight.grad.abs().sum() > 0
     with pytest.raises(ConfigError, match="context_scale"):
         RoIConfig(context_scale=0.5)
+
+
+def _roi_inputs(num_classes: int = 3):
+    """Sampled RoIs as the second stage sees them: class logits, per-class offsets, the RoIs, their
+    labels (0 background) and their encoded lesion boxes."""
+    generator = torch.Generator().manual_seed(0)
+    rois = torch.tensor([[10.0, 10.0, 40.0, 50.0], [20.0, 5.0, 60.0, 30.0], [0.0, 0.0, 20.0, 20.0], [5.0, 5.0, 9.0, 9.0]])
+    labels = torch.tensor([1, 2, 0, 0])
+    lesions = rois + torch.tensor([[2.0, -3.0, 4.0, 1.0], [-5.0, 2.0, 3.0, 6.0], [0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    logits = torch.randn(4, num_classes + 1, generator=generator)
+    offsets = 0.1 * torch.randn(4, 4 * (num_classes + 1), generator=generator)
+    return logits, offsets, rois, labels, lesions
+
+
+def test_the_default_box_loss_is_torchvisions_fast_rcnn_loss():
+    from torchvision.models.detection.roi_heads import fastrcnn_loss
+
+    heads = small_detector(num_classes=3).roi_heads
+    logits, offsets, rois, labels, lesions = _roi_inputs()
+    targets = heads.box_coder.encode_single(lesions, rois)
+    ours = heads.losses(logits, offsets, rois, labels, targets)
+    classifier, box = fastrcnn_loss(logits, offsets, [labels], [targets])
+    assert torch.allclose(ours["loss_classifier"], classifier) and torch.allclose(ours["loss_box_reg"], box)
+
+
+def test_the_giou_box_loss_scores_the_decoded_box_against_its_lesion():
+    from torchvision.ops import generalized_box_iou
+
+    heads = small_detector(num_classes=3, roi=RoIConfig(batch_size_per_image=32, representation_size=64, box_loss="giou")).roi_heads
+    assert heads.box_weight == 10.0  # mmdetection's weight for GIoU in the second stage
+    logits, offsets, rois, labels, lesions = _roi_inputs()
+    targets = heads.box_coder.encode_single(lesions, rois)
+    exact = offsets.clone().reshape(4, 4, 4)
+    exact[[0, 1], [1, 2]] = targets[:2]  # each lesion RoI's own class predicts its box exactly
+    assert heads.losses(logits, exact.reshape(4, 16), rois, labels, targets)["loss_box_reg"].abs() < 1e-5
+    # zero offsets predict the RoIs themselves: the loss is 10 x sum(1 - GIoU) over the 2 lesion
+    # RoIs, divided by all 4 sampled
+    zero = heads.losses(logits, torch.zeros(4, 16), rois, labels, targets)["loss_box_reg"]
+    giou = generalized_box_iou(rois[:2], lesions[:2]).diagonal()
+    assert torch.allclose(zero, 10 * (1 - giou).sum() / 4, atol=1e-4)
+    # background RoIs and the other classes' offsets do not count
+    moved = exact.clone()
+    moved[[2, 3]] += 1.0
+    moved[0, 2] += 1.0
+    assert heads.losses(logits, moved.reshape(4, 16), rois, labels, targets)["loss_box_reg"].abs() < 1e-5
+    images, batch_targets = _batch()
+    model = small_detector(roi=RoIConfig(batch_size_per_image=32, representation_size=64, box_loss="giou")).train()
+    losses = model(images, batch_targets).losses
+    losses["loss_box_reg"].backward()
+    assert model.roi_heads.box_predictor.bbox_pred.weight.grad.abs().sum() > 0
+    with pytest.raises(ConfigError, match="box_loss must be one of smooth_l1, giou"):
+        RoIConfig(box_loss="iou")
+    with pytest.raises(ConfigError, match="box_loss_weight"):
+        RoIConfig(box_loss_weight=0.0)

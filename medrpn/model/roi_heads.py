@@ -11,6 +11,11 @@ What a lesion is often shows around it more than inside its box (a pituitary tum
 sella, a meningioma against the dura): with `context_scale`, each proposal is also pooled
 enlarged that many times about its centre, from the coarser level that suits the larger box, and
 the two grids go to the head side by side as channels.
+
+The box loss is torchvision's smooth L1 on the encoded offsets, or with `box_loss: giou` the
+generalized IoU of the decoded box with its lesion (Rezatofighi et al. 2019; mmdetection's
+`reg_decoded_bbox` with `GIoULoss`, weight 10): it scores the box as it is judged, by overlap,
+rather than by four offsets weighted alike.
 """
 
 from __future__ import annotations
@@ -18,12 +23,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.roi_heads import RoIHeads
-from torchvision.ops import MultiScaleRoIAlign
+from torchvision.ops import MultiScaleRoIAlign, generalized_box_iou_loss
 
 from medrpn.errors import ConfigError
+
+BOX_LOSSES = {"smooth_l1": 1.0, "giou": 10.0}  # each box loss with its default weight
 
 
 @dataclass
@@ -42,6 +50,8 @@ class RoIConfig:
         detections_per_img: most detections kept per image.
         context_scale: also pool each proposal enlarged this many times about its centre (e.g.
             2.0), for the classifier to see around the lesion; None: the box alone.
+        box_loss: "smooth_l1" on the encoded offsets (torchvision's), or "giou" on the decoded box.
+        box_loss_weight: the box loss's weight; None: 1 for smooth L1, 10 for GIoU (mmdetection's).
     """
 
     output_size: int = 7
@@ -55,10 +65,24 @@ class RoIConfig:
     nms_thresh: float = 0.5
     detections_per_img: int = 100
     context_scale: float | None = None
+    box_loss: str = "smooth_l1"
+    box_loss_weight: float | None = None
 
     def __post_init__(self) -> None:
         if self.context_scale is not None and not self.context_scale > 1.0:
             raise ConfigError(f"model.roi.context_scale must be above 1 (the enlarged box), or null; got {self.context_scale}")
+        if self.box_loss not in BOX_LOSSES:
+            raise ConfigError(f"model.roi.box_loss must be one of {', '.join(BOX_LOSSES)}; got {self.box_loss!r}")
+        if self.box_loss_weight is not None and not self.box_loss_weight > 0:
+            raise ConfigError(f"model.roi.box_loss_weight must be positive, or null; got {self.box_loss_weight}")
+
+    @property
+    def box_weight(self) -> float:
+        """The box loss's weight, its default filled in."""
+        if self.box_loss_weight is not None:
+            return self.box_loss_weight
+        return BOX_LOSSES[self.box_loss]
+
 
 
 def enlarge_boxes(boxes: Tensor, scale: float) -> Tensor:
@@ -82,7 +106,42 @@ class ContextRoIAlign(nn.Module):
         return torch.cat([inner, outer], dim=1)
 
 
-def build_roi_heads(config: RoIConfig, feature_names: list[str], in_channels: int, num_classes: int) -> RoIHeads:
+class LesionRoIHeads(RoIHeads):
+    """torchvision's `RoIHeads` whose training losses follow `RoIConfig.box_loss`; inference is
+    torchvision's unchanged."""
+
+    def __init__(self, *args, box_loss: str = "smooth_l1", box_weight: float = 1.0, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.box_loss, self.box_weight = box_loss, box_weight
+
+    def forward(self, features, proposals, image_shapes, targets=None):
+        if not self.training:
+            return super().forward(features, proposals, image_shapes, targets)
+        if targets is None:
+            raise ValueError("targets are required in training mode")
+        proposals, _, labels, regression_targets = self.select_training_samples(proposals, targets)
+        pooled = self.box_head(self.box_roi_pool(features, proposals, image_shapes))
+        class_logits, box_regression = self.box_predictor(pooled)
+        return [], self.losses(class_logits, box_regression, torch.cat(proposals), torch.cat(labels), torch.cat(regression_targets))
+
+    def losses(self, class_logits: Tensor, box_regression: Tensor, rois: Tensor, labels: Tensor, regression_targets: Tensor) -> dict[str, Tensor]:
+        """Cross-entropy over classes, and the box loss over the lesion RoIs (each with its own
+        class's offsets), summed and divided by all sampled RoIs as torchvision does."""
+        positive = (labels > 0).nonzero().flatten()
+        deltas = box_regression.reshape(len(labels), -1, 4)[positive, labels[positive]]
+        if self.box_loss == "giou":
+            predicted = self.box_coder.decode_single(deltas, rois[positive])
+            lesion = self.box_coder.decode_single(regression_targets[positive], rois[positive])
+            box = generalized_box_iou_loss(predicted, lesion, reduction="sum")
+        else:
+            box = F.smooth_l1_loss(deltas, regression_targets[positive], beta=1 / 9, reduction="sum")
+        return {
+            "loss_classifier": F.cross_entropy(class_logits, labels),
+            "loss_box_reg": self.box_weight * box / max(len(labels), 1),
+        }
+
+
+def build_roi_heads(config: RoIConfig, feature_names: list[str], in_channels: int, num_classes: int) -> LesionRoIHeads:
     """Builds the second stage for `num_classes` lesion classes (background is added here)."""
     pool = MultiScaleRoIAlign(
         featmap_names=feature_names, output_size=config.output_size, sampling_ratio=config.sampling_ratio
@@ -92,7 +151,7 @@ def build_roi_heads(config: RoIConfig, feature_names: list[str], in_channels: in
         pool, channels = ContextRoIAlign(pool, config.context_scale), 2 * in_channels
     head = TwoMLPHead(channels * config.output_size**2, config.representation_size)
     predictor = FastRCNNPredictor(config.representation_size, num_classes + 1)
-    return RoIHeads(
+    return LesionRoIHeads(
         pool,
         head,
         predictor,
@@ -104,4 +163,6 @@ def build_roi_heads(config: RoIConfig, feature_names: list[str], in_channels: in
         score_thresh=config.score_thresh,
         nms_thresh=config.nms_thresh,
         detections_per_img=config.detections_per_img,
+        box_loss=config.box_loss,
+        box_weight=config.box_weight,
     )

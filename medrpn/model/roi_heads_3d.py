@@ -6,8 +6,8 @@ the lesions themselves are matched to lesions by 3D IoU (torchvision's `Matcher`
 sample of RoIs (`RoIConfig.batch_size_per_image`, `positive_fraction`) is pooled by
 `medrpn.model.roi_align_3d` from the pyramid level whose stride suits the box (its size, the cube
 root of its volume in voxels, spans about twice `output_size` feature voxels there, as torchvision's
-level mapper does in 2D), a two-layer MLP feeds the class scores and box offsets (cross-entropy and
-smooth L1 losses), and at inference each class's boxes are decoded, clipped, thresholded and
+level mapper does in 2D), a two-layer MLP feeds the class scores and box offsets (cross-entropy, and
+smooth L1 on the offsets or GIoU on the decoded boxes, `RoIConfig.box_loss`), and at inference each class's boxes are decoded, clipped, thresholded and
 de-duplicated by 3D NMS (MONAI's).
 """
 
@@ -18,7 +18,7 @@ from collections import OrderedDict
 import torch
 import torch.nn.functional as F
 from monai.apps.detection.utils.box_coder import BoxCoder
-from monai.data.box_utils import batched_nms, box_iou, clip_boxes_to_image
+from monai.data.box_utils import batched_nms, box_iou, box_pair_giou, clip_boxes_to_image
 from torch import Tensor, nn
 from torchvision.models.detection._utils import BalancedPositiveNegativeSampler, Matcher
 
@@ -71,7 +71,7 @@ class RoIHeads3D(nn.Module):
         x = self.head(self.pool(features, proposals, image_sizes[0]))
         class_logits, box_deltas = self.cls_score(x), self.bbox_pred(x)
         if self.training:
-            return [], self._losses(class_logits, box_deltas, labels, regression)
+            return [], self._losses(class_logits, box_deltas, labels, regression, torch.cat(proposals))
         return self._detections(class_logits, box_deltas, proposals, image_sizes), {}
 
     def pool(self, features: OrderedDict, boxes: list[Tensor], image_size: tuple[int, int, int]) -> Tensor:
@@ -118,12 +118,17 @@ class RoIHeads3D(nn.Module):
             regression.append(self.box_coder.encode_single(targets_boxes[keep], boxes[keep]))
         return sampled, torch.cat(labels), torch.cat(regression)
 
-    def _losses(self, class_logits: Tensor, box_deltas: Tensor, labels: Tensor, regression: Tensor) -> dict[str, Tensor]:
+    def _losses(self, class_logits: Tensor, box_deltas: Tensor, labels: Tensor, regression: Tensor, rois: Tensor) -> dict[str, Tensor]:
         loss_classifier = F.cross_entropy(class_logits, labels)
         positive = (labels > 0).nonzero().flatten()
         deltas = box_deltas.view(len(labels), self.num_classes, 6)[positive, labels[positive]]
-        box = F.smooth_l1_loss(deltas, regression[positive], beta=SMOOTH_L1_BETA, reduction="sum")
-        return {"loss_classifier": loss_classifier, "loss_box_reg": box / max(len(labels), 1)}
+        if self.config.box_loss == "giou":
+            predicted = self.box_coder.decode_single(deltas, rois[positive])
+            lesion = self.box_coder.decode_single(regression[positive], rois[positive])
+            box = (1 - box_pair_giou(predicted, lesion)).sum()
+        else:
+            box = F.smooth_l1_loss(deltas, regression[positive], beta=SMOOTH_L1_BETA, reduction="sum")
+        return {"loss_classifier": loss_classifier, "loss_box_reg": self.config.box_weight * box / max(len(labels), 1)}
 
     def _detections(self, class_logits: Tensor, box_deltas: Tensor, proposals: list[Tensor], image_sizes) -> list[dict[str, Tensor]]:
         probs = F.softmax(class_logits, dim=-1)
