@@ -45,7 +45,7 @@ def test_a_box_found_in_the_flipped_image_maps_back_onto_the_lesion(flip):
     image = images()[0]
     found = bright_box(flip_images(image[None], flip)[0])
     assert not torch.equal(found, bright_box(image))  # the lesion is off-centre: the flip moves it
-    torch.testing.assert_close(unflip_boxes(found, flip, height=64, width=48), bright_box(image))
+    torch.testing.assert_close(unflip_boxes(found, flip, (64, 48)), bright_box(image))
 
 
 def test_merging_keeps_the_best_of_every_view_without_duplicates():
@@ -70,7 +70,7 @@ def test_flipped_proposals_are_the_mirror_of_those_of_the_flipped_image(flip, rp
         alone = detector([], rpn_only=rpn_only)(batch)
     for i in range(2):
         boxes, scores = out.proposals[i], out.proposal_scores[i]
-        back = unflip_boxes(mirrored.proposals[i], flip, height=64, width=48)
+        back = unflip_boxes(mirrored.proposals[i], flip, (64, 48))
         order, back_order = torch.argsort(scores), torch.argsort(mirrored.proposal_scores[i])
         torch.testing.assert_close(boxes[order], back[back_order])
         assert len(boxes) <= 30
@@ -94,9 +94,29 @@ def test_flips_change_nothing_in_training():
 
 @pytest.mark.parametrize(
     "flips, message",
-    [(["diagonal"], "rpn.test_flips: 'diagonal' is not one of 'horizontal', 'vertical'"),
-     (["horizontal", "horizontal"], "each flip once")],
+    [(["diagonal"], "rpn.test_flips: 'diagonal' is not one of 'horizontal', 'vertical', 'x', 'y', 'z'"),
+     (["horizontal", "horizontal"], "each flip once"),
+     (["z"], "model.rpn.test_flips: z flips volumes; images flip horizontal or vertical")],
 )
 def test_unknown_or_repeated_flips_are_config_errors(flips, message):
     with pytest.raises(ConfigError, match=message):
         detector(flips)
+
+
+@pytest.mark.parametrize("flip", ["x", "y", "z"])
+def test_a_box_found_in_the_flipped_volume_maps_back_onto_the_lesion(flip):
+    volume = torch.zeros(1, 1, 20, 16, 12)
+    volume[0, 0, 2:7, 3:12, 1:4] = 1.0  # off-centre along every axis: box [2, 3, 1, 7, 12, 4]
+    flipped = flip_images(volume, flip)[0, 0]
+    where = torch.argwhere(flipped > 0.5)
+    found = torch.cat([where.min(dim=0).values, where.max(dim=0).values + 1]).float()[None]
+    assert found.tolist() != [[2.0, 3.0, 1.0, 7.0, 12.0, 4.0]]
+    assert unflip_boxes(found, flip, (20, 16, 12)).tolist() == [[2.0, 3.0, 1.0, 7.0, 12.0, 4.0]]
+
+
+def test_volume_proposals_of_every_view_merge_by_3d_nms():
+    a = (torch.tensor([[0.0, 0, 0, 10, 10, 10], [20, 20, 20, 30, 30, 30]]), torch.tensor([0.9, 0.4]))
+    b = (torch.tensor([[1.0, 0, 0, 10, 10, 10], [40, 40, 40, 50, 50, 50]]), torch.tensor([0.8, 0.7]))
+    boxes, scores = merge_proposals([a, b], nms_thresh=0.5, top_n=10)
+    torch.testing.assert_close(scores, torch.tensor([0.9, 0.7, 0.4]))  # the 0.8 duplicate is gone
+    assert boxes.shape == (3, 6)

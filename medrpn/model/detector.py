@@ -31,10 +31,11 @@ from torch import Tensor, nn
 from torchvision.models.detection.image_list import ImageList
 from torchvision.ops import batched_nms
 
+from medrpn.errors import ConfigError
 from medrpn.model.anchors import AnchorConfig, build_anchor_generator
 from medrpn.model.backbone import BackboneConfig, build_backbone
 from medrpn.model.box_ops import suppress_contained
-from medrpn.model.flip_proposals import flip_images, merge_proposals, unflip_boxes
+from medrpn.model.flip_proposals import VOLUME_FLIP_DIMS, flip_images, merge_proposals, unflip_boxes
 from medrpn.model.roi_heads import RoIConfig, build_roi_heads
 from medrpn.model.rpn import RPNConfig, build_rpn
 
@@ -164,12 +165,12 @@ class LesionDetector(nn.Module):
         self, image_list: ImageList, proposals: list[Tensor], scores: list[Tensor]
     ) -> tuple[list[Tensor], list[Tensor]]:
         """The proposals of the image and of each of its `test_flips`, merged per image."""
-        height, width = image_list.tensors.shape[-2:]
+        size = tuple(image_list.tensors.shape[2:])
         views = [list(zip(proposals, scores))]
         for flip in self.test_flips:
             flipped = ImageList(flip_images(image_list.tensors, flip), image_list.image_sizes)
             boxes, flipped_scores, _ = self.rpn(flipped, self.backbone(flipped.tensors))
-            views.append([(unflip_boxes(b, flip, height, width), s) for b, s in zip(boxes, flipped_scores)])
+            views.append([(unflip_boxes(b, flip, size), s) for b, s in zip(boxes, flipped_scores)])
         top_n = self.rpn.post_nms_top_n()
         merged = [merge_proposals(per_image, self.rpn.nms_thresh, top_n) for per_image in zip(*views)]
         return [b for b, _ in merged], [s for _, s in merged]
@@ -192,6 +193,9 @@ class LesionDetector(nn.Module):
 
 def build_detector(config: DetectorConfig) -> LesionDetector:
     """Builds a detector from its config (without RoI heads when `config.rpn_only`)."""
+    volume_flips = [f for f in config.rpn.test_flips if f in VOLUME_FLIP_DIMS]
+    if volume_flips:
+        raise ConfigError(f"model.rpn.test_flips: {', '.join(volume_flips)} flips volumes; images flip horizontal or vertical")
     backbone = build_backbone(config.backbone)
     num_levels = len(config.backbone.returned_stages) + 1
     anchor_generator = build_anchor_generator(config.anchors, num_levels)

@@ -130,11 +130,13 @@ def build_backbone_3d(config: Backbone3DConfig):
 def build_detector_3d(config: Detector3DConfig) -> LesionDetector:
     """The 3D detector of `config` (without a second stage when `config.rpn_only`)."""
     from medrpn.model.anchors_3d import CellCentredAnchors
+    from medrpn.model.flip_proposals import FLIP_DIMS
     from medrpn.model.roi_heads_3d import RoIHeads3D
     from medrpn.model.rpn_3d import RPN3D
 
-    if config.rpn.test_flips:
-        raise ConfigError("model.rpn.test_flips is 2D only so far; leave it empty for volumes")
+    image_flips = [f for f in config.rpn.test_flips if f in FLIP_DIMS]
+    if image_flips:
+        raise ConfigError(f"model.rpn.test_flips: {', '.join(image_flips)} flips images; volumes flip along x, y or z")
     if len(config.anchors.sizes) != 4:
         raise ConfigError(f"the 3D backbone has 4 pyramid levels: give anchors for 4, got {len(config.anchors.sizes)}")
     backbone = build_backbone_3d(config.backbone)
@@ -150,4 +152,5 @@ def build_detector_3d(config: Detector3DConfig) -> LesionDetector:
         pixel_std=config.pixel_std,
         cross_class_nms_thresh=config.cross_class_nms_thresh,
         containment_thresh=config.containment_thresh,
+        test_flips=config.rpn.test_flips,
     )

@@ -11,6 +11,10 @@ proposals are merged, so the cost is one more backbone and RPN pass per flip.
 Merging: each view's proposals are mapped back to the original image, pooled with the original
 view's, and de-duplicated by class-agnostic NMS at the RPN's own threshold, keeping the best
 `post_nms_top_n`. That NMS also spans pyramid levels, which torchvision's per-level NMS does not.
+
+Images flip "horizontal" (left-right) or "vertical" (top-bottom); volumes (B, C, X, Y, Z) flip
+along "x", "y" or "z", their array axes (LPS: right-left, anterior-posterior, inferior-superior),
+window by window in sliding-window inference, merged by MONAI's 3D NMS.
 """
 
 from __future__ import annotations
@@ -21,30 +25,40 @@ import torch
 from torch import Tensor
 from torchvision.ops import nms
 
-FLIP_DIMS = {"horizontal": -1, "vertical": -2}  # the image dimension each flip reverses
+# each flip: (the tensor dimension it reverses, the box axis it mirrors)
+FLIP_DIMS = {"horizontal": (-1, 0), "vertical": (-2, 1)}  # images (B, C, H, W), boxes xyxy
+VOLUME_FLIP_DIMS = {"x": (-3, 0), "y": (-2, 1), "z": (-1, 2)}  # volumes (B, C, X, Y, Z), boxes xyzxyz
+_ALL_FLIPS = {**FLIP_DIMS, **VOLUME_FLIP_DIMS}
 
 
 def flip_images(images: Tensor, flip: str) -> Tensor:
-    """`images` (B, C, H, W) mirrored left-right ("horizontal") or top-bottom ("vertical")."""
-    return images.flip(FLIP_DIMS[flip])
+    """`images` (B, C, H, W) mirrored left-right ("horizontal") or top-bottom ("vertical"), or
+    volumes (B, C, X, Y, Z) along "x", "y" or "z"."""
+    return images.flip(_ALL_FLIPS[flip][0])
 
 
-def unflip_boxes(boxes: Tensor, flip: str, height: int, width: int) -> Tensor:
-    """xyxy `boxes` found in the flipped image, in the original image's coordinates."""
+def unflip_boxes(boxes: Tensor, flip: str, size: Sequence[int]) -> Tensor:
+    """Boxes (xyxy, or xyzxyz for volumes) found in the flipped image of spatial `size` (H, W or
+    X, Y, Z: the image tensor's last dimensions), in the original image's coordinates."""
+    dim, axis = _ALL_FLIPS[flip]
+    extent = size[dim]
+    half = boxes.shape[1] // 2
     out = boxes.clone()
-    if flip == "horizontal":
-        out[:, 0], out[:, 2] = width - boxes[:, 2], width - boxes[:, 0]
-    else:
-        out[:, 1], out[:, 3] = height - boxes[:, 3], height - boxes[:, 1]
+    out[:, axis], out[:, axis + half] = extent - boxes[:, axis + half], extent - boxes[:, axis]
     return out
 
 
 def merge_proposals(
     views: Sequence[tuple[Tensor, Tensor]], nms_thresh: float, top_n: int
 ) -> tuple[Tensor, Tensor]:
-    """One image's proposals from several views (each (boxes (P, 4), scores (P,)), in original
-    coordinates), de-duplicated by NMS across views and levels; best first, at most `top_n`."""
+    """One image's proposals from several views (each (boxes (P, 4) or (P, 6), scores (P,)), in
+    original coordinates), de-duplicated by NMS across views and levels; best first, at most `top_n`."""
     boxes = torch.cat([b for b, _ in views])
     scores = torch.cat([s for _, s in views])
-    keep = nms(boxes, scores, nms_thresh)[:top_n]
+    if boxes.shape[1] == 4:
+        keep = nms(boxes, scores, nms_thresh)[:top_n]
+    else:  # volumes: MONAI's 3D NMS (imported here: MONAI's import costs seconds)
+        from monai.data.box_utils import batched_nms
+
+        keep = batched_nms(boxes, scores, torch.zeros(len(boxes), dtype=torch.int64), nms_thresh)[:top_n]
     return boxes[keep], scores[keep]

@@ -26,7 +26,7 @@ from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead, concat_box_prediction_layers
 
 from medrpn.errors import ConfigError
-from medrpn.model.flip_proposals import FLIP_DIMS
+from medrpn.model.flip_proposals import FLIP_DIMS, VOLUME_FLIP_DIMS
 from medrpn.model.rpn_losses import (
     focal_losses,
     object_logit,
@@ -65,8 +65,9 @@ class RPNConfig:
         focal_alpha / focal_gamma: focal only: weight of positives and focusing exponent
             (quality_focal uses focal_gamma as its exponent beta and weighs positives by no alpha).
         test_flips: at test time also propose on these mirrored copies of the image
-            ("horizontal", "vertical") and merge the proposals by NMS (see `flip_proposals`);
-            one more backbone and RPN pass per flip. Empty: the image alone (torchvision).
+            ("horizontal", "vertical"; for volumes "x", "y", "z") and merge the proposals by NMS
+            (see `flip_proposals`); one more backbone and RPN pass per flip. Empty: the image
+            alone (torchvision).
     """
 
     fg_iou_thresh: float = 0.7
@@ -208,7 +209,7 @@ def validate(config: RPNConfig) -> None:
     if config.focal_gamma < 0:
         raise ConfigError(f"rpn.focal_gamma must be >= 0, got {config.focal_gamma}")
     for flip in config.test_flips:
-        _check_choice("test_flips", flip, tuple(FLIP_DIMS))
+        _check_choice("test_flips", flip, (*FLIP_DIMS, *VOLUME_FLIP_DIMS))
     if len(set(config.test_flips)) != len(config.test_flips):
         raise ConfigError(f"rpn.test_flips: each flip once, got {list(config.test_flips)}")
 
