@@ -86,6 +86,7 @@ def test_check_data_reads_every_scan_series_nifti_and_metaimage(volume_run):
     assert result.returncode == 0, output[-3000:]
     assert mhd.name in output and "vol000" in output  # a MetaImage and a DICOM series, each per scan
     assert broken.name in output and "truncated or corrupt" in output
+    assert "spacing       median 0.90 x 0.90 x 3.00 mm" in output  # the usual data.target_spacing
 
 
 def test_a_truncated_scan_is_reported_and_left_out(volume_run):
@@ -236,3 +237,50 @@ def test_a_folder_holding_another_scans_findings_is_not_taken_as_this_ones(tmp_p
     assert not _written_for_another(tmp_path / "absent", "vol000")
     taken: set[str] = set()
     assert [_folder_name("vol000", taken), _folder_name("vol000", taken), _folder_name("a/b.nii.gz", taken)] == ["vol000", "vol000-2", "a_b"]
+
+
+def test_predict_resamples_a_scan_to_the_target_spacing_and_maps_findings_back_to_its_voxels(volume_run, tmp_path):
+    """A model trained with `data.target_spacing` 3 mm, given a scan of 1.5 mm slices: predict
+    runs it on the scan resampled to 3 mm (16 slices, not 32) and writes the boxes in the file's
+    own voxels (z twice the model's), where the world coordinates are computed."""
+    import json
+
+    import nibabel as nib
+
+    from medrpn.data.resampling import resample_channels
+    from medrpn.data.volume_files import read_volume
+    from medrpn.data.volume_patches import scale_to_unit
+    from medrpn.training.lightning_module import module_from_checkpoint
+
+    work, broken, *_ = volume_run
+    checkpoint = torch.load(work / "demo" / "volume_checkpoints" / "best.ckpt", map_location="cpu", weights_only=False)
+    checkpoint["datamodule_hyper_parameters"]["target_spacing"] = [0.9, 0.9, 3.0]
+    ckpt = tmp_path / "spaced.ckpt"
+    torch.save(checkpoint, ckpt)
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    source = next(p for p in sorted((work / "data" / "volumes").glob("*.nii.gz")) if p != broken)
+    image = nib.load(source)
+    fine = resample_channels(np.asarray(image.dataobj, dtype=np.float32)[None], np.array([1.0, 1.0, 2.0]))[0]
+    affine = image.affine.copy()
+    affine[:3, 3] -= 0.25 * affine[:3, 2]  # voxel k of the fine grid is k / 2 - 0.25 of the thick one
+    affine[:3, 2] /= 2
+    nib.save(nib.Nifti1Image(fine.astype(np.int16), affine), scans / "fine.nii.gz")
+    out = tmp_path / "findings"
+    result = medrpn("predict", "--ckpt", str(ckpt), "--input", str(scans), "--output", str(out), "--score-threshold", "0", cwd=work)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    document = json.loads((out / "fine" / "findings.json").read_text())
+    assert document["scan"]["shape"][2] == 32 and document["scan"]["spacing_mm"] == [0.9, 0.9, 1.5]
+    assert document["findings"], "a threshold of 0 keeps every detection"
+    # the model's own view: the scan on the 3 mm grid (16 slices), its boxes x (1, 1, 2) in the file
+    volume = read_volume(scans / "fine.nii.gz")
+    grid = resample_channels(scale_to_unit(volume.array)[None], np.array([1.0, 1.0, 0.5]))
+    assert grid.shape[1:] == (48, 48, 16)
+    with torch.no_grad():
+        found = module_from_checkpoint(ckpt).detect_scan(torch.from_numpy(grid))
+    expected = found["boxes"].numpy() * np.array([1, 1, 2, 1, 1, 2])
+    for finding, box in zip(document["findings"][:5], expected[:5]):
+        assert finding["box_voxels"] == pytest.approx(box.tolist(), abs=0.01)
+        world = np.array(document["scan"]["affine_lps"]) @ np.array([*finding["centre_voxel"], 1.0])
+        assert world[:3] == pytest.approx(finding["centre_mm_lps"], abs=0.02)
+    assert max(f["box_voxels"][5] for f in document["findings"]) > 16  # in the file's 32 slices, not the grid's 16

@@ -3,7 +3,8 @@ images, per scan, in voxels and millimetres.
 
 Every scan is read once (voxels included, so a truncated file shows here and not mid-epoch), and
 the report gives: scans found, readable and unreadable with the reason; every annotation problem;
-per scan its shape, voxel spacing, patient and boxes; boxes per class; box extents along x, y, z
+per scan its shape, voxel spacing, patient and boxes; the median spacing (the usual
+`data.target_spacing`); boxes per class; box extents along x, y, z
 in voxels and mm; scans without boxes; bad and duplicated boxes; and the patient-level split
 `medrpn fit` makes (the data module's own, `data.split` settings included), with any patient in
 two splits.
@@ -61,6 +62,12 @@ def check_volumes(data: dict[str, Any], source: str = "config") -> tuple[list[st
         shape = " x ".join(map(str, scan["shape"]))
         spacing = " x ".join(f"{s:.2f}" for s in scan["spacing"])
         out.append(f"  scan        {'/'.join(Path(r.image_path).parts[-2:])}: {shape} voxels of {spacing} mm, patient {scan['patient'] or '?'}, {len(r.boxes)} boxes")
+    if usable:
+        spacings = np.array([scans[r.key]["spacing"] for r in usable])
+        median = " x ".join(f"{s:.2f}" for s in np.median(spacings, axis=0))
+        target = data.get("target_spacing")
+        resampled = f"; resampled to {' x '.join(f'{float(s):.2f}' for s in target)} mm (data.target_spacing)" if target else ""
+        out.append(f"spacing       median {median} mm{resampled}")
 
     counts = Counter(int(label) for r in usable for label in r.labels)
     out.append("boxes/class   " + ", ".join(f"{name} {counts[i]}" for i, name in enumerate(class_names)))

@@ -4,7 +4,8 @@
 Like the 2D plan it reads only the training split (the split `medrpn fit` will use) and prints the
 coverage (share of boxes with an anchor at 3D IoU >= 0.5) and mean best IoU of the config's
 anchors and of the plan, overall and per class; `--output NEW.yaml` writes `model.volume.anchors`
-as a config to give after yours. No voxels are read: boxes and headers are enough.
+as a config to give after yours. No voxels are read: boxes and headers are enough (with
+`data.target_spacing`, each scan's header gives the grid its boxes move to, as in training).
 `plan_volume_anchors` is also what `model.volume.anchors: auto` runs when a `medrpn` run starts.
 """
 
@@ -19,6 +20,9 @@ import numpy as np
 import yaml
 
 from medrpn.data.datamodule import LesionDataModule
+from medrpn.data.records import Record
+from medrpn.data.resampling import grid_zoom, record_on_grid
+from medrpn.data.volume_files import read_volume_geometry
 from medrpn.errors import ConfigError, DataError
 from medrpn.model.anchor_planning import COVERAGE_IOU
 from medrpn.model.anchor_planning_3d import Anchor3DPlan, Anchor3DScore, best_iou_3d, level_strides, plan_anchors_3d
@@ -29,6 +33,19 @@ def _volume_settings(config: dict[str, Any]) -> VolumeModelConfig:
     model = config.get("model") or {}
     model = model.get("init_args", model) if "class_path" in model else model
     return VolumeModelConfig(**(model.get("volume") or {}))
+
+
+def _on_training_grid(record: Record, target_spacing: tuple[float, float, float] | None) -> Record:
+    """The record's boxes in the voxels the model trains on: resampled to `target_spacing` (from
+    the scan's header alone) when one is set. An unreadable header keeps the scan's own voxels:
+    that scan leaves training when it is read, and `medrpn check-data` names it."""
+    if target_spacing is None:
+        return record
+    try:
+        geometry = read_volume_geometry(record.image_path)
+    except DataError:
+        return record
+    return record_on_grid(record, grid_zoom(geometry.shape, geometry.spacing, target_spacing))
 
 
 def plan_volume_anchors(config: dict[str, Any], budget: int, source: str) -> tuple[Anchor3DPlan, np.ndarray, np.ndarray, list[str]]:
@@ -44,7 +61,7 @@ def plan_volume_anchors(config: dict[str, Any], budget: int, source: str) -> tup
         quiet.setLevel(level)
     if dm.spatial_dims != 3:
         raise ConfigError(f"{source}: model.volume.anchors: auto plans 3D anchors, but the annotations are 2D boxes")
-    train = dm.splits["train"]
+    train = [_on_training_grid(r, dm.target_spacing) for r in dm.splits["train"]]
     boxes = np.concatenate([r.boxes for r in train]).astype(np.float64) if train else np.zeros((0, 6))
     labels = np.concatenate([r.labels for r in train]) if train else np.zeros(0, np.int64)
     if len(boxes) == 0:

@@ -38,9 +38,10 @@ from medrpn.data.records import Record
 from medrpn.data.sampling import WeightedEpochSampler, check_sampler, sampling_weights
 from medrpn.data.splits import SPLITS, SplitConfig, group_keys, kfold_by_patient, read_split_file, split_by_patient
 from medrpn.data.transforms import AugmentConfig, build_transform
+from medrpn.data.resampling import check_target_spacing
 from medrpn.data.volume_loading import EpochPatchSampler, PatchConfig, TrainingPatches, VolumeStore, WholeVolumes
 from medrpn.data.volume_patches import VolumePatches
-from medrpn.errors import DataError
+from medrpn.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +83,9 @@ class LesionDataModule(L.LightningDataModule):
             beside each annotated scan, e.g. [FLAIR.nii.gz, T1.nii.gz, T2.nii.gz], read as the
             input channels in this order (`model.volume.backbone.in_channels` must be as many);
             each must lie on the annotated scan's grid. None: the annotated scan alone.
+        target_spacing: volumes only: resample every scan to these voxel sizes in mm (x, y, z),
+            e.g. the dataset's median spacing (`medrpn.data.resampling`); boxes follow, and
+            `predict` maps the findings back to the scan's own voxels. None: each scan as it is.
 
     Attributes:
         spatial_dims: 2 (images) or 3 (volumes), from the annotations; linked to the model.
@@ -109,6 +113,7 @@ class LesionDataModule(L.LightningDataModule):
         sampler: str = "random",
         patches: PatchConfig = PatchConfig(),
         sequences: list[str] | None = None,
+        target_spacing: list[float] | None = None,
     ) -> None:
         super().__init__()
         check_sampler(sampler)
@@ -141,6 +146,7 @@ class LesionDataModule(L.LightningDataModule):
                 "sampler": sampler,
                 "patches": asdict(self.patches),
                 "sequences": None if sequences is None else list(sequences),
+                "target_spacing": None if target_spacing is None else list(target_spacing),
             },
             logger=False,
         )
@@ -155,7 +161,10 @@ class LesionDataModule(L.LightningDataModule):
         self.groups = dict(zip((r.key for r in self.records), keys))
         self.splits = self._split(self.records)
         self.images = ImageCache(self.cache_config, self.read, image_size)
-        self.volumes = VolumeStore(sequences)
+        self.target_spacing = check_target_spacing(target_spacing)
+        if self.target_spacing is not None and self.spatial_dims != 3:
+            raise ConfigError("data.target_spacing resamples volumes; for images, data.image_size sets the input size")
+        self.volumes = VolumeStore(sequences, self.target_spacing)
         self.in_channels = len(sequences) if sequences else 1
         self._checked = False
 
@@ -227,7 +236,7 @@ class LesionDataModule(L.LightningDataModule):
         self.volumes.fill(records, unreadable)
         log.info("Volumes in memory: %.0f MiB", self.volumes.nbytes / 2**20)
         bad = self.problems.images
-        self.splits = {name: [r for r in part if r.key not in bad] for name, part in self.splits.items()}
+        self.splits = {name: [self.volumes.on_grid(r) for r in part if r.key not in bad] for name, part in self.splits.items()}
         self._checked = True
 
     def _report_dir(self) -> Path:

@@ -2,8 +2,9 @@
 scans for evaluation, in the batch format of `medrpn.data.batch` with a third axis.
 
 - `VolumeStore` reads every scan of the splits before the first step (with `sequences`, each
-  co-registered sequence beside it as one more channel), scales it to [0, 1] (`scale_to_unit`)
-  and keeps it in memory; a scan whose voxels cannot be read (truncated,
+  co-registered sequence beside it as one more channel), scales it to [0, 1] (`scale_to_unit`),
+  resamples it to `target_spacing` when one is set (`medrpn.data.resampling`; the records' boxes
+  then move to that grid, `VolumeStore.on_grid`) and keeps it in memory; a scan whose voxels cannot be read (truncated,
   corrupt, too large) is a data problem of that scan, reported and left out under `on_error:
   skip`. Headers were already read with the annotations.
 - Training: `VolumePatches` crops (balanced between lesion and background, flipped), drawn anew
@@ -25,6 +26,7 @@ import torch
 from torch.utils.data import Dataset, DistributedSampler
 
 from medrpn.data.records import Record
+from medrpn.data.resampling import grid_zoom, record_on_grid, resample_channels
 from medrpn.data.limits import DEFAULT_MAX_DECODED_BYTES
 from medrpn.data.volume import Volume
 from medrpn.data.volume_files import read_volume, read_volume_geometry
@@ -74,7 +76,8 @@ def read_channels(
     identifiers) and the channels (C, X, Y, Z) scaled to [0, 1] each.
 
     Every sequence must lie on the reference's grid (same shape and voxel-to-mm transform within
-    0.01 mm): medrpn does not resample yet, so one that does not is a `DataError` naming both.
+    0.01 mm): sequences are not registered onto each other, so one that does not is a `DataError`
+    naming both.
     """
     paths = channel_paths(reference, sequences)
     first = read_volume(paths[0], max_decoded_bytes)
@@ -96,18 +99,21 @@ def read_channels(
 
 
 class VolumeStore:
-    """Every scan's channels (C, X, Y, Z), scaled to [0, 1], read once and kept (by record key),
-    with its spacing.
+    """Every scan's channels (C, X, Y, Z), scaled to [0, 1] (and resampled), read once and kept
+    (by record key), with the spacing of the grid they are on.
 
     Args:
         sequences: file names of co-registered sequences beside each annotated scan, read as its
             channels in this order (`read_channels`); None: the annotated scan alone.
+        target_spacing: resample every scan to these voxel sizes (x, y, z mm); None: as it is.
     """
 
-    def __init__(self, sequences: Sequence[str] | None = None) -> None:
+    def __init__(self, sequences: Sequence[str] | None = None, target_spacing: Sequence[float] | None = None) -> None:
         self.sequences = list(sequences) if sequences else None
+        self.target_spacing = None if target_spacing is None else tuple(float(v) for v in target_spacing)
         self.arrays: dict[str, np.ndarray] = {}
         self.spacings: dict[str, tuple[float, float, float]] = {}
+        self.zooms: dict[str, np.ndarray] = {}
 
     def fill(self, records: Sequence[Record], unreadable: Callable[[Record, DataError], None]) -> None:
         """Reads the scans not yet held; calls `unreadable` for each one that cannot be read."""
@@ -119,8 +125,18 @@ class VolumeStore:
             except DataError as error:
                 unreadable(record, error)
                 continue
+            zoom = np.ones(3)
+            if self.target_spacing is not None:
+                zoom = grid_zoom(channels.shape[1:], volume.spacing, self.target_spacing)
+                channels = resample_channels(channels, zoom)
             self.arrays[record.key] = channels
-            self.spacings[record.key] = volume.spacing
+            self.spacings[record.key] = tuple(float(s) for s in np.asarray(volume.spacing) / zoom)
+            self.zooms[record.key] = zoom
+
+    def on_grid(self, record: Record) -> Record:
+        """The record with its boxes in the voxels of its stored channels (as it is without resampling)."""
+        zoom = self.zooms.get(record.key)
+        return record if zoom is None or np.allclose(zoom, 1.0) else record_on_grid(record, zoom)
 
     @property
     def nbytes(self) -> int:

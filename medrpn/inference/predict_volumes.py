@@ -7,8 +7,9 @@ folder per scan out.
 2. **detect** on each whole scan, window by window, with the model loaded once
    (`LesionDetectionModule.detect_scan`; intensities scaled as in training; a model trained on
    several sequences (`data.sequences`) reads them beside each scan as its channels, and the
-   scans are found by the first sequence's name). A scan that cannot be
-   read is listed with the reason and the run goes on.
+   scans are found by the first sequence's name; a model trained with `data.target_spacing` sees
+   each scan resampled to it, and its boxes are mapped back to the scan's own voxels). A scan
+   that cannot be read is listed with the reason and the run goes on.
 3. **write** per scan, into a folder named after it (made unique): ``findings.json`` (voxel and
    LPS millimetre coordinates, `medrpn.outputs.volume_findings`), ``montage.png`` (three planes
    through each finding, `medrpn.outputs.volume_montage`) and, for a DICOM series, ``sr.dcm`` (TID
@@ -27,9 +28,11 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from medrpn import __version__
+from medrpn.data.resampling import grid_zoom, resample_channels
 from medrpn.data.limits import DEFAULT_MAX_DECODED_BYTES
 from medrpn.data.volume_files import is_volume_file
 from medrpn.data.volume_patches import scale_to_unit
@@ -149,6 +152,7 @@ def predict_volumes(
     report = VolumePredictReport()
     taken: set[str] = set()
     sequences = (checkpoint.get("datamodule_hyper_parameters") or {}).get("sequences") or None
+    target_spacing = (checkpoint.get("datamodule_hyper_parameters") or {}).get("target_spacing") or None
     for scan in find_scans(root, sequences):
         folder = output / _folder_name(scan.name, taken)
         while _written_for_another(folder, scan.name):  # an earlier run's other scan of the same name
@@ -163,10 +167,12 @@ def predict_volumes(
             report.failed.append((scan.name, error.reason))
             print(f"medrpn predict: {scan.name}: skipped: {error.reason}", flush=True)
             continue
+        zoom = np.ones(3) if target_spacing is None else grid_zoom(channels.shape[1:], volume.spacing, target_spacing)
         with torch.no_grad():
-            found = module.detect_scan(torch.from_numpy(channels).to(device))
+            found = module.detect_scan(torch.from_numpy(resample_channels(channels, zoom)).to(device))
         findings = make_volume_findings(
-            found["boxes"].cpu().numpy(), found["scores"].cpu().numpy(), found["labels"].cpu().numpy(),
+            found["boxes"].cpu().numpy() / np.tile(zoom, 2),  # back to the scan's own voxels
+            found["scores"].cpu().numpy(), found["labels"].cpu().numpy(),
             model.class_names, volume.geometry, threshold,
         )
         try:  # findings.json last: a folder without it is redone by the next run
