@@ -19,6 +19,7 @@ from medrpn.data.synth import write_synthetic_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 RUN_NAME = "eval-e2e"
+REGISTERED_MODEL = "demo-detector"
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,9 @@ def _fit(work: Path) -> TrainedRun:
         "--trainer.max_epochs", "1",
         "--trainer.limit_train_batches", "2",
         "--trainer.logger.init_args.run_name", RUN_NAME,
+        # the best checkpoint also becomes a registered model version (checked in test_registry)
+        "--trainer.logger.init_args.registered_model", REGISTERED_MODEL,
+        "--trainer.logger.init_args.registered_model_alias", "candidate",
         cwd=work,
     )
     output = result.stdout + result.stderr

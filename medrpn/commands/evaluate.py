@@ -76,7 +76,10 @@ def checkpoint_command_parser(prog: str, description: str):
     from medrpn.commands.config_parser import training_config_parser
 
     parser = training_config_parser(prog, description)
-    parser.add_argument("--ckpt", required=True, type=Path, help="checkpoint written by `medrpn fit`")
+    parser.add_argument(
+        "--ckpt", required=True, type=Path,
+        help="checkpoint written by `medrpn fit`, or a registered model: models:/NAME/VERSION or models:/NAME@ALIAS",
+    )
     return parser
 
 
@@ -246,7 +249,9 @@ def main(argv: list[str]) -> None:
         "--second-stage", type=Optional[Path], default=None,
         help="a crop classifier from `medrpn fit-crops`: also print FROC/CPM with it, beside the detector's alone",
     )
-    args, data, metric_settings = parse_on_checkpoint(parser, argv)
+    from medrpn.training.registry import with_local_checkpoint
+
+    args, data, metric_settings = parse_on_checkpoint(parser, with_local_checkpoint(argv))
     from medrpn.training import runs
 
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)

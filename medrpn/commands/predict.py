@@ -19,7 +19,14 @@ def main(argv: list[str]) -> None:
         description="Find lesions in new images. Per DICOM study: findings JSON, DICOM SR (TID 1500), "
         "GSPS and overlay PNGs; per folder of PNG/JPEG/NIfTI images: findings JSON and overlays.",
     )
-    parser.add_argument("--ckpt", required=True, type=Path, help="checkpoint written by `medrpn fit`")
+    parser.add_argument(
+        "--ckpt", required=True, type=Path,
+        help="checkpoint written by `medrpn fit`, or a registered model: models:/NAME/VERSION or models:/NAME@ALIAS",
+    )
+    parser.add_argument(
+        "--tracking-uri", default=None,
+        help="MLflow store whose registry a models:/ --ckpt is looked up in (default: MLFLOW_TRACKING_URI, else sqlite:///mlruns.db)",
+    )
     parser.add_argument(
         "--input", required=True, type=Path, help="an image file or a folder tree of them (DICOM, PNG, JPEG, NIfTI)"
     )
@@ -72,6 +79,10 @@ def main(argv: list[str]) -> None:
         "SOP Instance UID (DICOM) or a hash of their path, the checkpoint by its SHA-256",
     )
     args = parser.parse_args(argv)
+    if str(args.ckpt).startswith("models:/"):  # a registered model: its checkpoint (MLflow loads only then)
+        from medrpn.training.registry import with_local_checkpoint
+
+        args = parser.parse_args(with_local_checkpoint(argv))
     if _is_volume_checkpoint(args.ckpt):
         _predict_volumes(parser, args)
         return

@@ -61,12 +61,26 @@ class MLflowLogger(MLFlowLogger):
         on_unreachable: what a server that fails when the run starts does: "stop" the command
             (one line, nothing run), or "outbox": run, keeping everything in the outbox (under a
             local run id), for `medrpn mlflow-sync` to create the run with.
+        registered_model: at the end of a successful fit, register the best checkpoint as a new
+            version of this model in the MLflow registry (`medrpn.training.registry`; needs
+            `log_model`); None: no registration.
+        registered_model_alias: also point this alias of the model (e.g. "candidate") at it.
         *args, **kwargs: as `lightning.pytorch.loggers.MLFlowLogger`.
     """
 
     def __init__(
-        self, *args: Any, outbox_dir: str = "mlflow-outbox", on_unreachable: Literal["stop", "outbox"] = "stop", **kwargs: Any
+        self,
+        *args: Any,
+        outbox_dir: str = "mlflow-outbox",
+        on_unreachable: Literal["stop", "outbox"] = "stop",
+        registered_model: str | None = None,
+        registered_model_alias: str | None = None,
+        **kwargs: Any,
     ) -> None:
+        if registered_model_alias and not registered_model:
+            raise MedrpnError("trainer.logger.init_args.registered_model_alias needs registered_model (the model's name)")
+        if registered_model and not kwargs.get("log_model"):
+            raise MedrpnError("trainer.logger.init_args.registered_model registers the logged best checkpoint: set log_model: true")
         for key, value in _HTTP_DEFAULTS.items():
             os.environ.setdefault(key, value)
         if kwargs.get("tracking_uri"):
@@ -78,6 +92,8 @@ class MLflowLogger(MLFlowLogger):
         self.outbox_dir = Path(outbox_dir)
         self.on_unreachable = on_unreachable
         self.offline = False  # True once the server failed: everything goes to the outbox
+        self.registered_model, self.registered_model_alias = registered_model, registered_model_alias
+        self.registered_version: str | None = None  # set once the best checkpoint is registered
 
     @property
     def experiment(self) -> Any:
@@ -151,13 +167,41 @@ class MLflowLogger(MLFlowLogger):
         if not self.offline:
             try:
                 super().finalize(status)
-                return
             except Exception as error:  # noqa: BLE001 - any failure of the server or the network
                 self._go_offline(error)
+            else:
+                if status == "success":
+                    self._register_best()
+                return
         if self._checkpoint_callback:
             for _, path, _, _ in _scan_checkpoints(self._checkpoint_callback, {}):
                 self._keep({"kind": "artifact", "path": str(Path(path).resolve()), "artifact_path": Path(path).stem})
         self._keep({"kind": "status", "status": "FAILED" if status == "failed" else "FINISHED"})
+
+    def _register_best(self) -> None:
+        """The logged best checkpoint as a new version of `registered_model` (once per run: a
+        fit's test stage finalizes the logger again)."""
+        best = getattr(self._checkpoint_callback, "best_model_path", "") if self._checkpoint_callback else ""
+        if not self.registered_model or self.registered_version is not None or not best:
+            return
+        from medrpn.training.registry import register_checkpoint
+
+        try:
+            self.registered_version = register_checkpoint(
+                self.experiment, self.run_id, Path(best).stem, self.registered_model, self.registered_model_alias
+            )
+        except Exception as error:  # noqa: BLE001 - the run and its checkpoint are kept; only the registry entry is missing
+            rank_zero_warn(
+                f"The best checkpoint of run {self.run_id} was logged but not registered as model "
+                f"{self.registered_model!r} ({_reason(error)}); register it from the run later"
+            )
+            return
+        alias = f" (alias {self.registered_model_alias})" if self.registered_model_alias else ""
+        print(
+            f"medrpn: registered the best checkpoint as models:/{self.registered_model}/{self.registered_version}{alias} "
+            f"in {self.tracking_uri}",
+            flush=True,
+        )
 
     def _send(self, send: Callable[[], None], entry: dict[str, Any]) -> None:
         if not self.offline:
