@@ -60,5 +60,5 @@ def merge_proposals(
     else:  # volumes: MONAI's 3D NMS (imported here: MONAI's import costs seconds)
         from monai.data.box_utils import batched_nms
 
-        keep = batched_nms(boxes, scores, torch.zeros(len(boxes), dtype=torch.int64), nms_thresh)[:top_n]
+        keep = batched_nms(boxes, scores, torch.zeros(len(boxes), dtype=torch.int64, device=boxes.device), nms_thresh)[:top_n]
     return boxes[keep], scores[keep]
