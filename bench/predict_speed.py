@@ -1,15 +1,20 @@
 """Images per second through `medrpn predict`, from DICOM file to written SR, GSPS, JSON and overlay.
 
     python bench/predict_speed.py [--n-images 200] [--image-size 256] [--ckpt CKPT] [--workers 0 1]
+                                  [--findings-per-image 5]
 
 A folder of synthetic DX files (`medrpn.data.synth`) goes through `medrpn.inference.predict.predict_files` once
 per worker setting, into a fresh output folder each time: scan, read + transform in DataLoader
 workers, batched inference with the model loaded once, and per study the overlay PNGs, findings
 JSON, DICOM SR and GSPS. Without ``--ckpt`` the model is the demo architecture (ResNet-18 FPN,
-64 channels, 256 px input) with untrained weights, run at threshold 0 with at most 5 detections
-per image, so every image gets 5 findings to write (more work than a trained model at its
-operating point usually leaves). The figure printed is images / wall-clock seconds of the whole
-call, model loading included; the load alone is printed beside it, as is the machine's load.
+64 channels, 256 px input) with untrained weights, run at threshold 0 with at most
+``--findings-per-image`` detections per image (default 5), so every image gets that many findings
+to write (5 is more work than a trained model at its operating point usually leaves; 1 is nearer
+what a lesion dataset gives). The figure printed is images / wall-clock seconds of the whole call,
+model loading included; the load alone is printed beside it, as is the machine's load. Beside it,
+the model alone: the same images, read and transformed beforehand, through the network in batches
+(``model only``), which is what predict's end-to-end figure would be if reading and writing cost
+nothing.
 """
 
 from __future__ import annotations
@@ -22,20 +27,23 @@ import time
 from contextlib import redirect_stdout
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from medrpn.data.io import ReadConfig, read_image
+from medrpn.data.transforms import build_transform
 from medrpn.inference.predict import default_num_workers, load_checkpoint, predict_files
 from medrpn.data.synth import write_synthetic_dataset
 from medrpn.training.lightning_module import LesionDetectionModule
 
 
-def _demo_checkpoint(path: Path, image_size: int) -> Path:
+def _demo_checkpoint(path: Path, image_size: int, findings_per_image: int) -> Path:
     torch.manual_seed(0)
     module = LesionDetectionModule(  # the demo recipe's model (configs/demo.yaml)
         class_names=["nodule", "spiculated"],
         backbone={"name": "resnet18", "fpn_channels": 64},
         rpn={"pre_nms_top_n_test": 300, "post_nms_top_n_test": 100},
-        roi={"detections_per_img": 5},
+        roi={"detections_per_img": findings_per_image},
     )
     torch.save(
         {
@@ -55,17 +63,18 @@ def main() -> None:
     parser.add_argument("--ckpt", type=Path, default=None, help="a trained checkpoint (default: untrained demo model)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--workers", type=int, nargs="+", default=[0, default_num_workers()])
+    parser.add_argument("--findings-per-image", type=int, default=5, help="detections per image of the untrained model")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         write_synthetic_dataset(tmp / "data", n_images=args.n_images, image_size=args.image_size, seed=0)
         images = tmp / "data" / "images"
-        ckpt = args.ckpt or _demo_checkpoint(tmp / "model.ckpt", args.image_size)
+        ckpt = args.ckpt or _demo_checkpoint(tmp / "model.ckpt", args.image_size, args.findings_per_image)
         threshold = None if args.ckpt else 0.0
 
         start = time.perf_counter()
-        load_checkpoint(ckpt)
+        module, data_settings = load_checkpoint(ckpt)
         load_s = time.perf_counter() - start
 
         print(f"{args.n_images} DICOM files of {args.image_size}x{args.image_size}, batch {args.batch_size}, "
@@ -86,6 +95,28 @@ def main() -> None:
                 f"checkpoint load {load_s:.1f} s of it); load average {load_before:.2f} before, "
                 f"{os.getloadavg()[0]:.2f} after"
             )
+
+
+        model_only = _model_only(module, data_settings, sorted(images.glob("*.dcm")), args.batch_size)
+        print(f"model only: {model_only:.1f} images/s (the same images, read and transformed beforehand, batch {args.batch_size})")
+
+
+def _model_only(module: torch.nn.Module, data_settings: dict, paths: list[Path], batch_size: int) -> float:
+    """Images/s of the network alone on ``paths``, read and transformed as predict does, beforehand."""
+    transform = build_transform(int(data_settings.get("image_size", 256)))
+    read_config = ReadConfig.parse(data_settings.get("read"))
+    tensors = []
+    for path in paths:
+        pixels = transform(image=read_image(path, None, read_config).array, bboxes=np.zeros((0, 4)), labels=[])["image"]
+        pixels = pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
+        tensors.append(torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32)))
+    batches = [torch.stack(tensors[i : i + batch_size]) for i in range(0, len(tensors), batch_size)]
+    with torch.inference_mode():
+        module(batches[0])  # warm-up
+        start = time.perf_counter()
+        for batch in batches:
+            module(batch)
+        return len(tensors) / (time.perf_counter() - start)
 
 
 if __name__ == "__main__":

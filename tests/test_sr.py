@@ -315,3 +315,30 @@ def test_dciodvfy_finds_no_errors(studies, tmp_path):
         output = result.stdout + result.stderr
         errors = [line for line in output.splitlines() if line.startswith("Error")]
         assert not errors, f"{path.name}:\n{output}"
+
+
+def test_sr_attached_as_built_is_the_document_highdicom_builds_from_the_whole_tree(tmp_path):
+    """`attach_content` skips highdicom's copy and re-parse of the content tree (issue #23, predict
+    speed); the file written must not change: same bytes, timestamps aside."""
+    write_synthetic_dataset(tmp_path / "syn", n_images=8, image_size=64, seed=11)
+    by_study: dict[str, list[Path]] = {}
+    for path in sorted((tmp_path / "syn" / "images").glob("*.dcm")):
+        by_study.setdefault(pydicom.dcmread(path, stop_before_pixels=True).StudyInstanceUID, []).append(path)
+    study = max(by_study.values(), key=len)
+    findings = [Finding("nodule", 0.8, [5.0, 5.0, 20.0, 20.0]), Finding("odd class", 0.3, [1.0, 2.0, 9.5, 30.0])]
+    analysed = [_analysed(p, [Finding(f.label, f.score, list(f.box_px)) for f in findings]) for p in study]
+    analysed.append(_analysed(_testdata("emri_small.dcm"), [Finding("mass", 0.5, [1.0, 2.0, 30.0, 40.0])], frame=3))
+    analysed[-1][0].StudyInstanceUID = analysed[0][0].StudyInstanceUID  # one study, frames included
+
+    attached = build_measurement_report(analysed, MODEL)
+    constructed = build_measurement_report(analysed, MODEL, whole_tree_to_constructor=True)
+    for keyword in ("ContentDate", "ContentTime", "InstanceCreationDate", "InstanceCreationTime"):
+        if keyword in constructed:
+            setattr(attached, keyword, constructed.data_element(keyword).value)
+    for mine, theirs in zip(attached.ContributingEquipmentSequence, constructed.ContributingEquipmentSequence):
+        mine.ContributionDateTime = theirs.ContributionDateTime
+    first = write_dicom(tmp_path / "attached.dcm", attached).read_bytes()
+    assert first == write_dicom(tmp_path / "constructed.dcm", constructed).read_bytes()
+    assert attached.content[0].ContentSequence == constructed.content[0].ContentSequence
+    read_back = hd.sr.srread(tmp_path / "attached.dcm").content.get_planar_roi_measurement_groups()
+    assert len(read_back) == 2 * len(study) + 1

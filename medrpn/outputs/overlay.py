@@ -136,5 +136,5 @@ def write_overlay_png(
         draw.text((label_left + pad - tx0, label_top + pad - ty0), text, fill=ink, font=font)
 
     buffer = io.BytesIO()
-    canvas.save(buffer, format="PNG")
+    canvas.save(buffer, format="PNG", compress_level=3)  # pixels as at 6, in half the time
     return write_atomically(path, buffer.getvalue())

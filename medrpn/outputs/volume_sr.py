@@ -34,11 +34,11 @@ from medrpn.outputs.references import derived_uid
 from medrpn.outputs.sr import (
     CERTAINTY,
     NO_UNITS,
-    SR_SERIES_NUMBER,
     _algorithm,
     box_polyline,
     class_code,
     name_private_scheme,
+    report_document,
 )
 from medrpn.outputs.volume_findings import VolumeFinding
 
@@ -126,28 +126,12 @@ def build_volume_report(
                 measurements=[hd.sr.Measurement(name=CERTAINTY, value=round(finding.score, 4), unit=NO_UNITS)],
             )
         )
-    device = hd.sr.ObserverContext(
-        observer_type=codes.DCM.Device,
-        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-            uid=derived_uid("device", model.name, model.version), name=model.name,
-            manufacturer_name=model.name, model_name=model.name,
-        ),
-    )
-    report = hd.sr.MeasurementReport(
-        observation_context=hd.sr.ObservationContext(observer_device_context=device),
-        procedure_reported=codes.SCT.ImagingProcedure,
-        imaging_measurements=groups,
-    )
-    document = hd.sr.Comprehensive3DSR(
-        evidence=list(slices),
-        content=report[0],
+    document = report_document(
+        list(slices),
+        groups,
+        model,
         series_instance_uid=derived_uid("sr series", model.checkpoint_sha256, model.score_threshold, study_uid),
-        series_number=SR_SERIES_NUMBER,
         sop_instance_uid=derived_uid("volume sr", model.checkpoint_sha256, model.score_threshold, model.version, series_uid),
-        instance_number=1,
-        manufacturer=model.name,
-        is_complete=True,
-        series_description="medrpn findings (SR)",
     )
     name_private_scheme(document, [f.label for f in findings])
     return document
