@@ -10,6 +10,7 @@ imported only when called so that they start quickly:
     medrpn check-data --config CFG                               what a dataset holds, before training
     medrpn plan --config CFG [--output NEW.yaml]                 anchors planned from the training boxes
     medrpn predict --ckpt CKPT --input FILE_OR_DIR --output DIR  findings, DICOM SR and GSPS for new scans
+    medrpn serve --ckpt CKPT --output DIR [--destination AE@HOST:PORT]  a DICOM node: studies in, SR + GSPS back
     medrpn evaluate --ckpt CKPT [--config CFG] [--split val|test] the full evaluation table, into the run
     medrpn fit-crops --ckpt CKPT [--config CFG]                  a second-stage crop classifier
     medrpn compare RUN [RUN ...]                                 runs side by side, FROC curves overlaid
@@ -30,6 +31,7 @@ TOOLS: dict[str, str] = {
     "plan": "medrpn.commands.plan",
     "fit-crops": "medrpn.commands.fit_crops",
     "predict": "medrpn.commands.predict",
+    "serve": "medrpn.commands.serve",
     "evaluate": "medrpn.commands.evaluate",
     "compare": "medrpn.commands.compare",
     "mlflow-sync": "medrpn.commands.mlflow_sync",
