@@ -56,13 +56,20 @@ $(LOWEST_VENV)/.installed: $(VENV)/.installed pyproject.toml .ci/lowest.txt
 	$(LOWEST_VENV)/bin/python -m pip install --quiet -e ".[dev]" -c .ci/lowest.txt
 	touch $@
 
-# dciodvfy (Debian's dicom3tools) checks the DICOM SR/GSPS that predict writes. Installed where
-# apt-get can (as root); elsewhere those checks skip and the test summary says so.
+# dciodvfy (Debian's dicom3tools) checks the DICOM SR/GSPS that predict writes; Orthanc (Debian's
+# orthanc) is the real PACS that medrpn serve's round-trip tests start on loopback ports (its
+# service is not started; the tests run their own). Installed where apt-get can (as root);
+# elsewhere those tests skip and the test summary says so.
 conformance-tools:
 	@command -v dciodvfy >/dev/null 2>&1 \
 	  || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
 	       && apt-get update -qq && apt-get install -y -qq dicom3tools >/dev/null; } \
 	  || echo "dicom3tools could not be installed: the DICOM conformance checks (dciodvfy) will be skipped"
+	@command -v Orthanc >/dev/null 2>&1 \
+	  || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
+	       && { apt-get install -y -qq orthanc >/dev/null 2>&1 \
+	            || { apt-get update -qq && apt-get install -y -qq orthanc >/dev/null 2>&1; }; }; } \
+	  || echo "orthanc could not be installed: the PACS round-trip tests of medrpn serve will be skipped"
 
 clean-demo:
 	rm -rf demo

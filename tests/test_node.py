@@ -71,11 +71,15 @@ class Pacs:
         self.server.shutdown()
 
 
-def start_node(ckpt: Path, work: Path, port: int, pacs_port: int, quiet: float = 1.0) -> subprocess.Popen:
+def start_node(
+    ckpt: Path, work: Path, port: int, pacs_port: int, quiet: float = 1.0, pacs_ae: str = "PACS",
+    allowed: tuple[str, ...] = ("SENDER", "MODALITY"),
+) -> subprocess.Popen:
+    """A `medrpn serve` process sending to ``pacs_ae`` on ``pacs_port``, once it answers C-ECHO."""
     command = [
         sys.executable, "-m", "medrpn", "serve", "--ckpt", str(ckpt), "--output", str(work / "out"),
         "--inbox", str(work / "inbox"), "--host", "127.0.0.1", "--port", str(port), "--ae-title", "MEDRPN",
-        "--destination", f"PACS@127.0.0.1:{pacs_port}", "--allowed-ae", "SENDER", "MODALITY",
+        "--destination", f"{pacs_ae}@127.0.0.1:{pacs_port}", "--allowed-ae", *allowed, "SENDER",
         "--quiet-seconds", str(quiet), "--score-threshold", "0",
     ]
     log = open(work / "node.log", "a")  # noqa: SIM115 - closed with the process

@@ -106,9 +106,9 @@ def _rejected(event: evt.Event) -> None:
 
 
 def _accepted(event: evt.Event) -> None:
-    refused = [c for c in event.assoc.rejected_contexts]
-    if refused:
-        LOG.warning(
+    refused = list(event.assoc.rejected_contexts)
+    if refused:  # a PACS offers every storage class it knows: usual, so not a warning
+        LOG.info(
             "association from %s: %d presentation context(s) refused (not an image, or a transfer syntax medrpn "
             "cannot decode): %s", event.assoc.requestor.ae_title, len(refused),
             ", ".join(sorted({UID(c.abstract_syntax).name for c in refused})),
