@@ -24,6 +24,7 @@ ALLOWED = {
     "metrics": {"metrics"},
     "outputs": {"outputs", "data"},
     "second_stage": {"second_stage", "model", "data", "metrics"},
+    "node": {"node", "inference"},
 }
 # modules a layer may import beyond those: the one safe checkpoint reader is plain torch
 READER = "medrpn.training.checkpoint_file"
