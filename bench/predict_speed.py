@@ -26,14 +26,15 @@ import tempfile
 import time
 from contextlib import redirect_stdout
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from medrpn.data.io import ReadConfig, read_image
+from medrpn.data.synth import write_synthetic_dataset
 from medrpn.data.transforms import build_transform
 from medrpn.inference.predict import default_num_workers, load_checkpoint, predict_files
-from medrpn.data.synth import write_synthetic_dataset
 from medrpn.training.lightning_module import LesionDetectionModule
 
 
@@ -64,6 +65,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--workers", type=int, nargs="+", default=[0, default_num_workers()])
     parser.add_argument("--findings-per-image", type=int, default=5, help="detections per image of the untrained model")
+    parser.add_argument("--onnx", action="store_true", help="also export the model (medrpn export) and run predict on it")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -79,29 +81,40 @@ def main() -> None:
 
         print(f"{args.n_images} DICOM files of {args.image_size}x{args.image_size}, batch {args.batch_size}, "
               f"{os.cpu_count()} CPU cores, torch threads {torch.get_num_threads()}")
-        for workers in dict.fromkeys(args.workers):
-            load_before = os.getloadavg()[0]
-            start = time.perf_counter()
-            with redirect_stdout(io.StringIO()):
-                report = predict_files(
-                    ckpt, images, tmp / f"out-{workers}", score_threshold=threshold,
-                    batch_size=args.batch_size, num_workers=workers,
-                )
-            seconds = time.perf_counter() - start
-            srs = sum(1 for p in report.written if p.name == "sr.dcm")
-            print(
-                f"num_workers={workers}: {report.images / seconds:.1f} images/s "
-                f"({report.images} images, {report.findings} findings, {srs} SRs in {seconds:.1f} s; "
-                f"checkpoint load {load_s:.1f} s of it); load average {load_before:.2f} before, "
-                f"{os.getloadavg()[0]:.2f} after"
+        models = {"PyTorch": (ckpt, module)}
+        if args.onnx:
+            from medrpn.inference.onnx_export import export_onnx
+            from medrpn.inference.onnx_model import OnnxDetector
+
+            exported = export_onnx(ckpt, tmp / "model.onnx").path
+            models["ONNX Runtime"] = (exported, OnnxDetector(exported))
+        for name, (model_file, model) in models.items():
+            _end_to_end(name, model_file, images, tmp, threshold, args, load_s)
+            rate = _model_only(model, data_settings, sorted(images.glob("*.dcm")), args.batch_size)
+            print(f"{name}, model only: {rate:.1f} images/s (the same images, read and transformed beforehand, batch {args.batch_size})")
+
+
+def _end_to_end(name: str, ckpt: Path, images: Path, tmp: Path, threshold: float | None, args: argparse.Namespace, load_s: float) -> None:
+    """predict_files on every image, once per reader setting; prints images/s."""
+    for workers in dict.fromkeys(args.workers):
+        load_before = os.getloadavg()[0]
+        start = time.perf_counter()
+        with redirect_stdout(io.StringIO()):
+            report = predict_files(
+                ckpt, images, tmp / f"out-{name}-{workers}", score_threshold=threshold,
+                batch_size=args.batch_size, num_workers=workers,
             )
+        seconds = time.perf_counter() - start
+        srs = sum(1 for p in report.written if p.name == "sr.dcm")
+        print(
+            f"{name}, num_workers={workers}: {report.images / seconds:.1f} images/s "
+            f"({report.images} images, {report.findings} findings, {srs} SRs in {seconds:.1f} s; "
+            f"checkpoint load {load_s:.1f} s of it); load average {load_before:.2f} before, "
+            f"{os.getloadavg()[0]:.2f} after"
+        )
 
 
-        model_only = _model_only(module, data_settings, sorted(images.glob("*.dcm")), args.batch_size)
-        print(f"model only: {model_only:.1f} images/s (the same images, read and transformed beforehand, batch {args.batch_size})")
-
-
-def _model_only(module: torch.nn.Module, data_settings: dict, paths: list[Path], batch_size: int) -> float:
+def _model_only(module: Any, data_settings: dict, paths: list[Path], batch_size: int) -> float:
     """Images/s of the network alone on ``paths``, read and transformed as predict does, beforehand."""
     transform = build_transform(int(data_settings.get("image_size", 256)))
     read_config = ReadConfig.parse(data_settings.get("read"))

@@ -11,6 +11,7 @@ imported only when called so that they start quickly:
     medrpn plan --config CFG [--output NEW.yaml]                 anchors planned from the training boxes
     medrpn predict --ckpt CKPT --input FILE_OR_DIR --output DIR  findings, DICOM SR and GSPS for new scans
     medrpn serve --ckpt CKPT --output DIR [--destination AE@HOST:PORT]  a DICOM node: studies in, SR + GSPS back
+    medrpn export --ckpt CKPT --output model.onnx                the detector as ONNX, checked against the checkpoint
     medrpn evaluate --ckpt CKPT [--config CFG] [--split val|test] the full evaluation table, into the run
     medrpn fit-crops --ckpt CKPT [--config CFG]                  a second-stage crop classifier
     medrpn compare RUN [RUN ...]                                 runs side by side, FROC curves overlaid
@@ -32,6 +33,7 @@ TOOLS: dict[str, str] = {
     "fit-crops": "medrpn.commands.fit_crops",
     "predict": "medrpn.commands.predict",
     "serve": "medrpn.commands.serve",
+    "export": "medrpn.commands.export",
     "evaluate": "medrpn.commands.evaluate",
     "compare": "medrpn.commands.compare",
     "mlflow-sync": "medrpn.commands.mlflow_sync",

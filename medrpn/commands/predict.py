@@ -21,7 +21,8 @@ def main(argv: list[str]) -> None:
     )
     parser.add_argument(
         "--ckpt", required=True, type=Path,
-        help="checkpoint written by `medrpn fit`, or a registered model: models:/NAME/VERSION or models:/NAME@ALIAS",
+        help="checkpoint written by `medrpn fit`, a model exported by `medrpn export` (.onnx, run with ONNX Runtime), "
+        "or a registered model: models:/NAME/VERSION or models:/NAME@ALIAS",
     )
     parser.add_argument(
         "--tracking-uri", default=None,
@@ -112,8 +113,8 @@ _IMAGE_ONLY = ("proposals", "second_stage", "proposals_per_image", "proposal_nms
 
 def _is_volume_checkpoint(ckpt: Path) -> bool:
     """Whether `ckpt` is a 3D model's (its settings say `spatial_dims: 3`); read without its weights."""
-    if not ckpt.is_file():
-        return False  # predict_files says so, in its words
+    if not ckpt.is_file() or ckpt.suffix.lower() == ".onnx":
+        return False  # predict_files says so, in its words; an exported model is a 2D detector
     from medrpn.training.checkpoint_file import read_checkpoint
 
     return (read_checkpoint(ckpt, mmap=True).get("hyper_parameters") or {}).get("spatial_dims") == 3

@@ -74,6 +74,7 @@ from medrpn.inference.proposal_settings import (
     with_rpn_changes,
 )
 from medrpn.outputs.study import FINDINGS_NAME, StudyOutputs, existing_outputs, incomplete
+from medrpn.inference.onnx_model import OnnxDetector, is_onnx
 from medrpn.inference.scan import InputGroup, InputItem, Scan, scan_inputs
 from medrpn.second_stage.rescoring import SecondStage, check_classes, load_second_stage
 from medrpn.training.lightning_module import LesionDetectionModule, module_from_checkpoint, read_module_checkpoint
@@ -258,6 +259,8 @@ def predict_files(
     module, model, image_size, read_config = _load(ckpt, score_threshold, changes, anonymize_paths)
     if max_decoded_bytes is not None:
         read_config = ReadConfig.parse({**read_config.as_dict(), "max_decoded_bytes": max_decoded_bytes})
+    if second_stage is not None and is_onnx(ckpt):
+        raise ConfigError(f"{ckpt}: a second stage needs the PyTorch checkpoint (it pools the detector's features)")
     stage = None if second_stage is None else _load_second_stage(Path(second_stage), module, model, score_threshold)
 
     scan = scan_inputs(
@@ -290,9 +293,13 @@ def predict_files(
 
 def _load(
     ckpt: Path, score_threshold: float | None, rpn_changes: dict[str, Any], anonymize_paths: bool = False
-) -> tuple[LesionDetectionModule, ModelInfo, int, ReadConfig]:
+) -> tuple[LesionDetectionModule | OnnxDetector, ModelInfo, int, ReadConfig]:
     """The module (eval, on the GPU when there is one), its description (without the checkpoint's
-    path when ``anonymize_paths``), input size and read settings."""
+    path when ``anonymize_paths``), input size and read settings. An exported ``.onnx`` model runs
+    in ONNX Runtime (`OnnxDetector`), described by its metadata: the same findings, SR and GSPS
+    UIDs as the checkpoint it was exported from."""
+    if is_onnx(ckpt):
+        return _load_onnx(ckpt, score_threshold, rpn_changes, anonymize_paths)
     checkpoint = read_module_checkpoint(ckpt)
     threshold, source, point = resolve_threshold(checkpoint, score_threshold)
     module = _build_module(ckpt, checkpoint, rpn_changes).to("cuda" if torch.cuda.is_available() else "cpu")
@@ -318,6 +325,27 @@ def _load(
         version=__version__,
     )
     return module, model, int(data_settings.get("image_size", 256)), ReadConfig.parse(data_settings.get("read"))
+
+
+def _load_onnx(
+    path: Path, score_threshold: float | None, rpn_changes: dict[str, Any], anonymize_paths: bool
+) -> tuple[OnnxDetector, ModelInfo, int, ReadConfig]:
+    if rpn_changes:
+        raise ConfigError(f"{path}: the proposal settings of an exported model are fixed in its graph; export again to change them")
+    detector = OnnxDetector(path)
+    meta = detector.metadata
+    threshold, source, point = resolve_threshold(meta, score_threshold)
+    model = ModelInfo(
+        checkpoint=None if anonymize_paths else str(path.resolve()),
+        checkpoint_sha256=meta["source_checkpoint_sha256"],
+        class_names=detector.class_names,
+        score_threshold=threshold,
+        threshold_source=source,
+        operating_point=point,
+        proposal_settings=meta.get("proposal_settings"),
+        version=__version__,
+    )
+    return detector, model, int(meta["image_size"]), ReadConfig.parse(meta.get("read"))
 
 
 def _load_second_stage(
@@ -391,7 +419,7 @@ def _written_for_another(folder: Path, group: InputGroup) -> bool:
 
 
 def _detect_and_write(
-    module: LesionDetectionModule,
+    module: LesionDetectionModule | OnnxDetector,
     studies: list[tuple[InputGroup, StudyOutputs]],
     model: ModelInfo,
     image_size: int,
@@ -415,7 +443,7 @@ def _detect_and_write(
     if not items:
         return
     remaining = [len(group.items) for group, _ in studies]
-    device = next(module.parameters()).device
+    device = next(module.parameters()).device if isinstance(module, torch.nn.Module) else torch.device("cpu")
     loader = DataLoader(
         _ImageLoader([(item.path, item.frame) for _, item in items], image_size, read_config),
         batch_size=batch_size,

@@ -177,7 +177,9 @@ class LesionDetector(nn.Module):
 
     def _finish(self, detection: dict[str, Tensor]) -> dict[str, Tensor]:
         boxes, scores, labels = detection["boxes"], detection["scores"], detection["labels"] - 1
-        if self.cross_class_nms_thresh < 1.0 and len(boxes) > 1:
+        # No test of the number of boxes on the 2D path: a graph traced for ONNX export would keep
+        # the branch its example input took (torchvision's NMS takes 0 or 1 box as it is)
+        if self.cross_class_nms_thresh < 1.0 and (boxes.shape[1] == 4 or len(boxes) > 1):
             if boxes.shape[1] == 4:
                 keep = batched_nms(boxes, scores, torch.zeros_like(labels), self.cross_class_nms_thresh)
             else:  # volumes: MONAI's 3D NMS, imported only here (MONAI's import costs seconds)
