@@ -1,7 +1,8 @@
 """medrpn serve against a real PACS: Orthanc (Debian's `orthanc`, installed by `make test` where
 apt-get can) started on loopback ports with a throwaway configuration and storage folder. Orthanc
 sends studies to the node by C-STORE (its REST call /modalities/medrpn/store, as a user's "send to"
-does), the node sends its SR and GSPS back, and they are read back through Orthanc's REST API."""
+does), the node (on the model exported to ONNX) sends its SR and GSPS back, and they are read back
+through Orthanc's REST API."""
 
 from __future__ import annotations
 
@@ -93,14 +94,19 @@ class Orthanc:
 
 @pytest.fixture(scope="module")
 def pacs_and_node(trained, tmp_path_factory):
+    """Orthanc, and a node serving the trained model exported to ONNX (run by ONNX Runtime; the
+    node on the PyTorch checkpoint is in test_node.py)."""
+    from medrpn.inference.onnx_export import export_onnx
+
     folder = tmp_path_factory.mktemp("orthanc")
+    model = export_onnx(trained.ckpt, folder / "detector.onnx").path
     node_port = free_port()
     orthanc = Orthanc(folder, node_port)
     work = folder / "node"
     work.mkdir()
     node = None
     try:
-        node = start_node(trained.ckpt, work, node_port, orthanc.dicom_port, pacs_ae="ORTHANC", allowed=("ORTHANC",))
+        node = start_node(model, work, node_port, orthanc.dicom_port, pacs_ae="ORTHANC", allowed=("ORTHANC",))
         yield orthanc, node, work
     finally:
         if node is not None:
@@ -131,8 +137,12 @@ def test_orthanc_sends_a_study_and_gets_the_sr_and_gsps_back(pacs_and_node, tmp_
     uid, files = max(studies.items(), key=lambda kv: len(kv[1]))
     study = {orthanc.upload(path) for path in files}.pop()
     orthanc.send_to_node(study)
-    _wait(lambda: {"SR", "PR"} <= set(orthanc.results(study)), 120, "the SR and GSPS in Orthanc",
-          [work / "node.log", orthanc.log])
+    logs = [work / "node.log", orthanc.log]
+    _wait(lambda: list((work / "out").glob(f"{uid}*/findings.json")), 120, "the study analysed", logs)
+    [output] = [p.parent for p in (work / "out").glob(f"{uid}*/findings.json")]
+    states = len(list(output.glob("gsps*.dcm")))
+    _wait(lambda: len(orthanc.results(study).get("PR", [])) == states and "SR" in orthanc.results(study), 120,
+          f"the SR and {states} GSPS in Orthanc", logs)
     found = orthanc.results(study)
     [sr] = found["SR"]
     sent = {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in files}
@@ -146,8 +156,7 @@ def test_orthanc_sends_a_study_and_gets_the_sr_and_gsps_back(pacs_and_node, tmp_
     shown = {i.ReferencedSOPInstanceUID for state in found["PR"] for s in state.ReferencedSeriesSequence
              for i in s.ReferencedImageSequence}
     assert shown and shown <= sent
-    [findings_json] = list((work / "out").glob(f"{uid}*/findings.json"))
-    findings = json.loads(findings_json.read_text())
+    findings = json.loads((output / "findings.json").read_text())
     boxes = sorted(tuple(f["box_px"]) for image in findings["images"] for f in image["findings"])
     tracking = {f["tracking_uid"] for image in findings["images"] for f in image["findings"]}
     assert boxes and tracking <= {str(e.value) for e in sr.iterall() if e.keyword == "UID"}

@@ -34,7 +34,7 @@ class NodeSettings:
     """What `serve` needs: the model, the DICOM identity and where things go.
 
     Attributes:
-        ckpt: the checkpoint (2D detector).
+        ckpt: the checkpoint (2D detector), or a model exported by `medrpn export` (.onnx).
         output: folder for every study's outputs (one subfolder per study, as `medrpn predict`).
         inbox: folder of received studies not yet delivered.
         ae_title, host, port: the node's own AE title and where it listens.
@@ -58,11 +58,12 @@ class NodeSettings:
 
 def serve(settings: NodeSettings, stop: threading.Event | None = None) -> None:
     """Run the node until ``stop`` is set, or SIGTERM / SIGINT (in the main thread)."""
-    from medrpn.inference.predict import (
-        load_checkpoint,  # torch: only once the settings are sound
-    )
+    # torch: only once the settings are sound
+    from medrpn.inference.onnx_model import OnnxDetector, is_onnx
+    from medrpn.inference.predict import load_checkpoint
 
-    load_checkpoint(settings.ckpt)  # a checkpoint that does not load stops the node before it listens
+    # a model that does not load stops the node before it listens
+    _ = OnnxDetector(settings.ckpt) if is_onnx(settings.ckpt) else load_checkpoint(settings.ckpt)
     stop = stop or threading.Event()
     if threading.current_thread() is threading.main_thread():
         for signum in (signal.SIGTERM, signal.SIGINT):
