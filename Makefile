@@ -58,7 +58,8 @@ $(LOWEST_VENV)/.installed: $(VENV)/.installed pyproject.toml .ci/lowest.txt
 
 # dciodvfy (Debian's dicom3tools) checks the DICOM SR/GSPS that predict writes; Orthanc (Debian's
 # orthanc) is the real PACS that medrpn serve's round-trip tests start on loopback ports (its
-# service is not started; the tests run their own). Installed where apt-get can (as root);
+# service is not started; the tests run their own); Debian's chromium, headless, runs the review
+# page's browser test. Installed where apt-get can (as root);
 # elsewhere those tests skip and the test summary says so.
 conformance-tools:
 	@command -v dciodvfy >/dev/null 2>&1 \
@@ -70,6 +71,11 @@ conformance-tools:
 	       && { apt-get install -y -qq orthanc >/dev/null 2>&1 \
 	            || { apt-get update -qq && apt-get install -y -qq orthanc >/dev/null 2>&1; }; }; } \
 	  || echo "orthanc could not be installed: the PACS round-trip tests of medrpn serve will be skipped"
+	@command -v chromium >/dev/null 2>&1 \
+	  || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
+	       && { apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1 \
+	            || { apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1; }; }; } \
+	  || echo "chromium could not be installed: the browser test of medrpn review will be skipped"
 
 clean-demo:
 	rm -rf demo

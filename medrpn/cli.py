@@ -12,6 +12,7 @@ imported only when called so that they start quickly:
     medrpn predict --ckpt CKPT --input FILE_OR_DIR --output DIR  findings, DICOM SR and GSPS for new scans
     medrpn serve --ckpt CKPT --output DIR [--destination AE@HOST:PORT]  a DICOM node: studies in, SR + GSPS back
     medrpn export --ckpt CKPT --output model.onnx                the detector as ONNX, checked against the checkpoint
+    medrpn review --findings DIR [--input SCANS]                 a page to confirm / reject findings, marks as CSV
     medrpn evaluate --ckpt CKPT [--config CFG] [--split val|test] the full evaluation table, into the run
     medrpn fit-crops --ckpt CKPT [--config CFG]                  a second-stage crop classifier
     medrpn compare RUN [RUN ...]                                 runs side by side, FROC curves overlaid
@@ -34,6 +35,7 @@ TOOLS: dict[str, str] = {
     "predict": "medrpn.commands.predict",
     "serve": "medrpn.commands.serve",
     "export": "medrpn.commands.export",
+    "review": "medrpn.commands.review",
     "evaluate": "medrpn.commands.evaluate",
     "compare": "medrpn.commands.compare",
     "mlflow-sync": "medrpn.commands.mlflow_sync",

@@ -25,6 +25,7 @@ ALLOWED = {
     "outputs": {"outputs", "data"},
     "second_stage": {"second_stage", "model", "data", "metrics"},
     "node": {"node", "inference"},
+    "review": {"review", "outputs"},
 }
 # modules a layer may import beyond those: the one safe checkpoint reader is plain torch
 READER = "medrpn.training.checkpoint_file"

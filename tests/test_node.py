@@ -80,7 +80,7 @@ def start_node(
         sys.executable, "-m", "medrpn", "serve", "--ckpt", str(ckpt), "--output", str(work / "out"),
         "--inbox", str(work / "inbox"), "--host", "127.0.0.1", "--port", str(port), "--ae-title", "MEDRPN",
         "--destination", f"{pacs_ae}@127.0.0.1:{pacs_port}", "--allowed-ae", *allowed, "SENDER",
-        "--quiet-seconds", str(quiet), "--score-threshold", "0",
+        "--quiet-seconds", str(quiet), "--score-threshold", "0", "--keep-images", str(work / "kept"),
     ]
     log = open(work / "node.log", "a")  # noqa: SIM115 - closed with the process
     node = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -162,6 +162,8 @@ def test_a_study_sent_to_the_node_comes_back_as_sr_and_gsps_even_across_a_restar
         pacs.stop()
     text = log.read_text()
     assert text.count("image(s) analysed") == 1, "the restarted node delivers without analysing again"
+    kept = sorted(p.name for p in (tmp_path / "kept").rglob("*.dcm"))  # --keep-images: for medrpn review
+    assert kept == sorted(f"{h.SOPInstanceUID}.dcm" for h in headers)
     for header in headers:  # no patient data in the log
         assert str(header.PatientName) not in text and str(header.PatientID) not in text
 

@@ -34,6 +34,9 @@ def main(argv: list[str]) -> None:
                         help="calling AE titles allowed to connect (default: any)")
     parser.add_argument("--quiet-seconds", type=float, default=10.0,
                         help="a study is complete once no image of it came for this long (default 10)")
+    parser.add_argument("--keep-images", type=Path, default=None, metavar="DIR",
+                        help="keep each delivered study's images in DIR (for `medrpn review --input DIR`); default: "
+                        "removed once the results are delivered")
     parser.add_argument("--score-threshold", type=float, default=None,
                         help="keep findings scoring at least this (default: the checkpoint's operating point)")
     args = parser.parse_args(argv)
@@ -68,5 +71,5 @@ def main(argv: list[str]) -> None:
     serve(NodeSettings(
         ckpt=args.ckpt, output=args.output, inbox=args.inbox or args.output / ".inbox", ae_title=args.ae_title,
         host=args.host, port=args.port, destination=destination, allowed_ae_titles=args.allowed_ae,
-        quiet_seconds=args.quiet_seconds, score_threshold=args.score_threshold,
+        quiet_seconds=args.quiet_seconds, score_threshold=args.score_threshold, keep_images=args.keep_images,
     ))

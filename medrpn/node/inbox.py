@@ -97,8 +97,9 @@ class Inbox:
         (study.folder / ANALYSED).write_text(str(results))
         return QueuedStudy(study.folder, study.last_received, results)
 
-    def remove(self, study: QueuedStudy) -> bool:
-        """Forget a delivered study (its images go; its results stay where they were written).
+    def remove(self, study: QueuedStudy, keep_in: Path | None = None) -> bool:
+        """Forget a delivered study: its images go (into ``keep_in/<study folder>`` when given, e.g.
+        for `medrpn review`); its results stay where they were written.
 
         An image that arrived after the analysis keeps the whole study, to be analysed again with
         it: returns False then.
@@ -106,5 +107,11 @@ class Inbox:
         images = list(study.folder.glob("*.dcm"))
         if images and max(p.stat().st_mtime for p in images) > study.last_received:
             return False
-        shutil.rmtree(study.folder, ignore_errors=True)
+        (study.folder / ANALYSED).unlink(missing_ok=True)
+        if keep_in is not None:
+            keep_in.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(keep_in / study.key, ignore_errors=True)
+            study.folder.replace(keep_in / study.key)
+        else:
+            shutil.rmtree(study.folder, ignore_errors=True)
         return True

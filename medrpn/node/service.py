@@ -42,6 +42,8 @@ class NodeSettings:
         allowed_ae_titles: calling AE titles accepted; empty: any.
         quiet_seconds: a study is analysed once no image of it came for this long.
         score_threshold: as `medrpn predict`'s (None: the checkpoint's operating point).
+        keep_images: where a delivered study's images go (one folder per study, as in the inbox),
+            e.g. for `medrpn review --input`; None: they are removed (the PACS has them).
     """
 
     ckpt: Path
@@ -54,6 +56,7 @@ class NodeSettings:
     allowed_ae_titles: list[str] = field(default_factory=list)
     quiet_seconds: float = 10.0
     score_threshold: float | None = None
+    keep_images: Path | None = None
 
 
 def serve(settings: NodeSettings, stop: threading.Event | None = None) -> None:
@@ -112,7 +115,7 @@ def _handle(study: QueuedStudy, inbox: Inbox, settings: NodeSettings) -> None:
     if settings.destination is not None:
         send_files(files, settings.destination, settings.ae_title)
         LOG.info("study %s: %d result file(s) stored at %s", study.key, len(files), settings.destination)
-    if not inbox.remove(study):
+    if not inbox.remove(study, settings.keep_images):
         LOG.info("study %s: more images arrived; analysing again with them once quiet", study.key)
 
 
