@@ -104,7 +104,7 @@ def test_the_server_answers_the_page_and_refuses_a_bad_mark(predicted):
     try:
         page = urllib.request.urlopen(url + "/").read().decode()
         assert "<title>medrpn review</title>" in page and "http" not in page.split("<script>")[1].split("fetch(")[0]
-        request = urllib.request.Request(url + "/api/marks", data=b'{"key": "9/9/9", "mark": "confirmed"}', method="POST")
+        request = urllib.request.Request(url + "/api/marks", data=b'{"key": "nowhere|9|9", "mark": "confirmed"}', method="POST")
         with pytest.raises(urllib.error.HTTPError) as refused:
             urllib.request.urlopen(request)
         assert refused.value.code == 400

@@ -8,6 +8,9 @@ the CSV once every one of its findings is marked: confirmed ones as boxes of the
 the wrong type as boxes of the class the reader chose, rejected ones not at all; an image whose
 findings were all rejected becomes a row with empty box columns (an image without lesions). The
 page cannot add a lesion the detector missed, so an image is only as complete as its findings.
+Marks are keyed by the study's folder, the image and the finding, and hold the finding's tracking
+UID: new studies arriving (`medrpn serve` writing into the same folder) move no mark, and a study
+analysed again is not taken for the one reviewed (its marks no longer apply).
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ REVIEW_FOLDER = "review"
 class ReviewedImage:
     """One analysed image of a study: its findings.json entry and where its source file is."""
 
-    study: int
+    study: str
     index: int
     entry: dict[str, Any]
     folder: Path
@@ -45,7 +48,8 @@ class ReviewedImage:
 
     @property
     def key(self) -> str:
-        return f"{self.study}/{self.index}"
+        """"<study folder>|<image index>": stable while other studies come and go."""
+        return f"{self.study}|{self.index}"
 
 
 class ReviewSession:
@@ -66,14 +70,15 @@ class ReviewSession:
         self.studies: list[dict[str, Any]] = []
         self.images: dict[str, ReviewedImage] = {}
         self._below: list[Path] | None = None  # files under inputs, listed once when needed
-        for number, path in enumerate(files):
+        for path in files:
             document = json.loads(path.read_text())
-            self.studies.append({"folder": str(path.parent.relative_to(self.root)), "document": document})
+            folder = path.parent.relative_to(self.root).as_posix()
+            self.studies.append({"folder": folder, "document": document})
             for index, entry in enumerate(document.get("images") or []):
                 source = None
                 if self.inputs is not None and not document.get("anonymized_paths"):
                     source = self._find_source(entry["source"])
-                image = ReviewedImage(number, index, entry, path.parent, source)
+                image = ReviewedImage(folder, index, entry, path.parent, source)
                 self.images[image.key] = image
         self.class_names = list(self.studies[0]["document"]["model"]["class_names"])
         self.folder = self.root / REVIEW_FOLDER
@@ -100,13 +105,13 @@ class ReviewSession:
     def listing(self) -> dict[str, Any]:
         """Everything the page shows: studies, images (with their default window), findings and marks."""
         studies = []
-        for number, study in enumerate(self.studies):
+        for study in self.studies:
             model = study["document"]["model"]
             images = []
             for index, entry in enumerate(study["document"].get("images") or []):
-                image = self.images[f"{number}/{index}"]
+                image = self.images[f"{study['folder']}|{index}"]
                 findings = [
-                    {**f, "key": f"{image.key}/{k}", "mark": self.marks.get(f"{image.key}/{k}")}
+                    {**f, "key": f"{image.key}|{k}", "mark": self._mark_of(f"{image.key}|{k}", f)}
                     for k, f in enumerate(entry.get("findings") or [])
                 ]
                 images.append({
@@ -191,16 +196,25 @@ class ReviewSession:
         except Exception as error:  # noqa: BLE001 - any decoder failure is this file's problem
             raise DataError(f"{path}: cannot be shown ({type(error).__name__}: {error})") from None
 
+    def _mark_of(self, key: str, finding: dict[str, Any]) -> dict[str, Any] | None:
+        """The mark on ``finding``; None when there is none, or when it was made on another finding
+        of that place (the study was analysed again since: its tracking UID differs)."""
+        mark = self.marks.get(key)
+        return mark if mark is not None and mark.get("tracking_uid") == finding.get("tracking_uid") else None
+
     def mark(self, key: str, mark: str, label: str | None = None) -> dict[str, Any]:
-        """Record the reader's mark on finding ``key`` ("study/image/finding"); rewrite the CSV.
+        """Record the reader's mark on finding ``key`` ("study folder|image|finding"); rewrite the CSV.
 
         Raises:
             KeyError: no such finding. ValueError: an unknown mark, or a wrong type without a class
             of the model that differs from the finding's.
         """
-        study, index, number = key.split("/")
-        image = self.images[f"{study}/{index}"]
-        finding = (image.entry.get("findings") or [])[int(number)]
+        image_key, _, number = key.rpartition("|")
+        image = self.images[image_key]
+        findings = image.entry.get("findings") or []
+        if not number.isdigit() or int(number) >= len(findings):
+            raise KeyError(key)
+        finding = findings[int(number)]
         if mark not in MARKS:
             raise ValueError(f"mark {mark!r}: one of {', '.join(MARKS)}")
         if mark == "wrong_type" and (label not in self.class_names or label == finding["label"]):
@@ -221,7 +235,7 @@ class ReviewSession:
         writer.writerow(["image", "x1", "y1", "x2", "y2", "label", "frame"])
         for key, image in self.images.items():
             findings = image.entry.get("findings") or []
-            marks = [self.marks.get(f"{key}/{k}") for k in range(len(findings))]
+            marks = [self._mark_of(f"{key}|{k}", f) for k, f in enumerate(findings)]
             if not findings or image.source is None or any(m is None for m in marks):
                 continue
             frame = "" if image.entry.get("frame") is None else image.entry["frame"]
