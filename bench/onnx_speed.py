@@ -16,22 +16,11 @@ import time
 from pathlib import Path
 
 import torch
+from predict_speed import _demo_checkpoint  # bench/predict_speed.py, beside this script
 
 from medrpn.inference.onnx_export import export_onnx
 from medrpn.inference.onnx_model import OnnxDetector
-from medrpn.training.lightning_module import (
-    LesionDetectionModule,
-    module_from_checkpoint,
-)
-
-
-def _demo_checkpoint(path: Path, image_size: int) -> Path:
-    torch.manual_seed(0)
-    module = LesionDetectionModule(class_names=["nodule", "spiculated"], backbone={"name": "resnet18", "fpn_channels": 64},
-                                   rpn={"pre_nms_top_n_test": 300, "post_nms_top_n_test": 100})
-    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
-                "datamodule_hyper_parameters": {"image_size": image_size}}, path)
-    return path
+from medrpn.training.lightning_module import module_from_checkpoint
 
 
 def main() -> None:
@@ -43,7 +32,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
-        ckpt = args.ckpt or _demo_checkpoint(Path(tmp) / "model.ckpt", args.image_size)
+        ckpt = args.ckpt or _demo_checkpoint(Path(tmp) / "model.ckpt", args.image_size, findings_per_image=100)
         start = time.perf_counter()
         report = export_onnx(ckpt, Path(tmp) / "model.onnx")
         export_s = time.perf_counter() - start
