@@ -90,9 +90,12 @@ def test_broken_inputs_are_listed_and_fail_policy_exits_non_zero(synth, tmp_path
     assert "cannot be trained on: on_error is 'fail' and there are 3 problems" in out
 
 
-def test_no_validation_split_cannot_be_trained_on(synth, tmp_path, capsys):
-    code, out = _run(_config(tmp_path, synth / "annotations.csv", val_fraction=0.0), capsys)
+def test_no_validation_split_is_fatal_unless_asked_for(synth, tmp_path, capsys):
+    code, out = _run(_config(tmp_path, synth / "annotations.csv", val_fraction=0.001), capsys)
     assert code == 1 and "the validation split is empty" in out
+    code, out = _run(_config(tmp_path, synth / "annotations.csv", val_fraction=0.0), capsys)
+    assert code == 0, out
+    assert "validation    none, as asked" in out and out.rstrip().endswith("verdict       ready to train")
 
 
 def test_missing_annotation_file_is_a_clear_error(tmp_path, capsys):

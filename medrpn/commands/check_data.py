@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from medrpn.commands.check_volume_data import VOLUME_FORMATS, check_volumes
-from medrpn.commands.data_report import DUPLICATE_IOU, count_duplicates, quantiles
+from medrpn.commands.data_report import DUPLICATE_IOU, NO_VALIDATION_NOTE, count_duplicates, quantiles
 from medrpn.data.annotations import detect_format
 from medrpn.data.datamodule import LesionDataModule
 from medrpn.data.splits import SPLITS
@@ -144,7 +144,9 @@ def check(config: dict[str, Any], source: str = "config") -> tuple[list[str], li
         fatal.append("no usable image in the training split")
     elif sum(len(r.boxes) for r in dm.splits["train"]) == 0:
         fatal.append("no box in the training split: nothing to learn")
-    if not dm.splits["val"]:
+    if not dm.splits["val"] and dm.validation_by_choice_none:
+        out.append(NO_VALIDATION_NOTE)
+    elif not dm.splits["val"]:
         fatal.append("the validation split is empty (raise val_fraction or add images)")
     if policy == "fail" and len(problems):
         fatal.append(f"on_error is 'fail' and there are {len(problems)} problems: training would stop at the first")

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from medrpn.commands.data_report import DUPLICATE_IOU, count_duplicates, quantiles
+from medrpn.commands.data_report import DUPLICATE_IOU, NO_VALIDATION_NOTE, count_duplicates, quantiles
 from medrpn.data.records import Record
 from medrpn.data.splits import SPLITS
 from medrpn.data.volume_files import read_volume
@@ -100,7 +100,9 @@ def check_volumes(data: dict[str, Any], source: str = "config") -> tuple[list[st
         fatal.append("no usable scan in the training split")
     elif sum(len(r.boxes) for r in splits["train"]) == 0:
         fatal.append("no box in the training split: nothing to learn")
-    if not splits["val"]:
+    if not splits["val"] and dm.validation_by_choice_none:
+        out.append(NO_VALIDATION_NOTE)
+    elif not splits["val"]:
         fatal.append("the validation split is empty (raise val_fraction or add scans)")
     if data.get("on_error", "skip") == "fail" and len(problems):
         fatal.append(f"on_error is 'fail' and there are {len(problems)} problems: training would stop at the first")

@@ -9,6 +9,10 @@ import torch
 from medrpn.data.records import Record
 
 DUPLICATE_IOU = 0.95
+NO_VALIDATION_NOTE = (
+    "validation    none, as asked (val_fraction 0 or a split file without val): fit trains the set "
+    "epochs, then tests and keeps the last weights; no best epoch, no operating point"
+)
 
 
 def pairwise_iou(boxes: np.ndarray) -> np.ndarray:

@@ -39,6 +39,7 @@ from medrpn.data.formats.luna16 import LUNA16_COLUMNS, read_luna16
 from medrpn.data.formats.volume_csv import VOLUME_CSV_COLUMNS, read_volume_csv
 from medrpn.data.formats.plain_csv import CSV_COLUMNS
 from medrpn.data.fusion import FusionConfig
+from medrpn.data.mask_boxes import MaskConfig
 from medrpn.data.io import ReadConfig
 from medrpn.data.problems import Problems
 from medrpn.errors import ConfigError, DataError
@@ -56,6 +57,7 @@ def read_annotations(
     image_dir: str | Path | None = None,
     fusion: FusionConfig | None = None,
     read: ReadConfig | None = None,
+    masks: MaskConfig | None = None,
 ) -> Annotations:
     """Read an annotation file (or YOLO folder) of any supported format.
 
@@ -68,6 +70,7 @@ def read_annotations(
         image_dir: image folder for vindr, rsna, nih and luna16 (relative to the annotation file).
         fusion: how VinDr-CXR's several readers are fused.
         read: image reading settings (YOLO opens image headers for their size).
+        masks: how lesion masks become boxes (format "masks").
 
     Returns:
         The records (one per image, also images without boxes) and the class names
@@ -94,7 +97,7 @@ def read_annotations(
     if format == "luna16":
         return read_luna16(path, class_names, problems, image_dir)
     if format == "masks":
-        return read_lesion_masks(path, class_names, problems)
+        return read_lesion_masks(path, class_names, problems, masks or MaskConfig())
     raise ConfigError(f"data.format: unknown annotation format {format!r}; choose one of {', '.join(FORMATS)}")
 
 

@@ -33,6 +33,7 @@ from medrpn.data.dataset import DetectionDataset
 from medrpn.data.formats.common import check_box
 from medrpn.data.fusion import FusionConfig
 from medrpn.data.io import ReadConfig
+from medrpn.data.mask_boxes import MaskConfig
 from medrpn.data.problems import Problems
 from medrpn.data.records import Record
 from medrpn.data.sampling import WeightedEpochSampler, check_sampler, sampling_weights
@@ -69,6 +70,8 @@ class LesionDataModule(L.LightningDataModule):
         format: annotation format (see `medrpn.data.annotations.FORMATS`); None detects it.
         image_dir: image folder for formats that name images by id (vindr, rsna, nih).
         fusion: how VinDr-CXR's readers are fused (`medrpn.data.fusion`).
+        masks: how lesion masks (format "masks") become boxes: the least lesion size in voxels
+            and the connectivity (`medrpn.data.mask_boxes`).
         read: how image files become arrays: window, channels, NIfTI axis, default spacing.
         split: patient grouping rule, stratification and k-fold settings, or a split file
             that fixes the split (`medrpn.data.splits`).
@@ -114,12 +117,14 @@ class LesionDataModule(L.LightningDataModule):
         patches: PatchConfig = PatchConfig(),
         sequences: list[str] | None = None,
         target_spacing: list[float] | None = None,
+        masks: MaskConfig = MaskConfig(),
     ) -> None:
         super().__init__()
         check_sampler(sampler)
         self.sampler = sampler
         self.augment = _as(AugmentConfig, augment)
         self.fusion = _as(FusionConfig, fusion)
+        self.masks = _as(MaskConfig, masks)
         self.read = ReadConfig.parse(read)
         self.split = _as(SplitConfig, split)
         self.cache_config = _as(CacheConfig, cache)
@@ -147,6 +152,7 @@ class LesionDataModule(L.LightningDataModule):
                 "patches": asdict(self.patches),
                 "sequences": None if sequences is None else list(sequences),
                 "target_spacing": None if target_spacing is None else list(target_spacing),
+                "masks": asdict(self.masks),
             },
             logger=False,
         )
@@ -154,7 +160,7 @@ class LesionDataModule(L.LightningDataModule):
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.records, self.class_names = read_annotations(
-            Path(annotations), class_names, format, self.problems, image_dir, self.fusion, self.read
+            Path(annotations), class_names, format, self.problems, image_dir, self.fusion, self.read, self.masks
         )
         self.spatial_dims = self._spatial_dims(self.records, annotations)
         keys = group_keys(self.records, self.split.group_blocks, max_decoded_bytes=self.read.max_decoded_bytes)
@@ -174,6 +180,15 @@ class LesionDataModule(L.LightningDataModule):
         if len(dims) > 1:
             raise DataError(Path(annotations), "mixes 2D boxes (images) and 3D boxes (volumes); use one kind per dataset")
         return dims.pop() if dims else 2
+
+    @property
+    def validation_by_choice_none(self) -> bool:
+        """No validation split because the user asked for none (`val_fraction: 0`, or a split file
+        with no "val" images), as with too few patients to hold one out: training then runs the
+        set schedule and the last weights are the model (no best epoch, no operating point)."""
+        if self.splits["val"]:
+            return False
+        return self.split.file is not None or (self.hparams.val_fraction == 0 and self.split.num_folds is None)
 
     def _split(self, records: list[Record]) -> dict[str, list[Record]]:
         hp = self.hparams

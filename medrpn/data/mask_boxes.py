@@ -26,6 +26,26 @@ from medrpn.errors import ConfigError
 
 
 @dataclass
+class MaskConfig:
+    """How a dataset's lesion masks become boxes (`data.masks`; see the module docstring).
+
+    Attributes:
+        min_voxels: components smaller than this are not lesions (1 keeps every voxel; the MS
+            data in shared/data counts components of >= 10 voxels of 1 mm, about a 2 mm cube).
+        connectivity: 1 (faces), 2 (and edges) or 3 (and corners) in 3D.
+    """
+
+    min_voxels: int = 1
+    connectivity: int = 1
+
+    def __post_init__(self) -> None:
+        if self.min_voxels < 1:
+            raise ConfigError(f"data.masks.min_voxels must be at least 1, got {self.min_voxels}")
+        if not 1 <= self.connectivity <= 3:
+            raise ConfigError(f"data.masks.connectivity must be 1, 2 or 3, got {self.connectivity}")
+
+
+@dataclass
 class MaskBoxes:
     """Lesions found in one mask.
 

@@ -155,7 +155,14 @@ class MedrpnCLI(LightningCLI):
         )
 
     def before_fit(self) -> None:
-        """When resuming, logs into the MLflow run the checkpoint was written by."""
+        """Says when there is no validation split; when resuming, logs into the MLflow run the
+        checkpoint was written by."""
+        if self.trainer.is_global_zero and getattr(self.datamodule, "validation_by_choice_none", False):
+            print(
+                "medrpn: no validation split, as asked: training runs the set schedule, and the last "
+                "weights are tested and kept (no best epoch, no operating point)",
+                flush=True,
+            )
         ckpt_path = self.config[self.subcommand].get("ckpt_path")
         if ckpt_path in (None, "best", "hpc", "registry"):
             return
@@ -182,10 +189,10 @@ class MedrpnCLI(LightningCLI):
             trainer.test(self.model, datamodule=datamodule, ckpt_path=best, verbose=False)
             test_metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
         if trainer.is_global_zero:
-            _print_fit_summary(trainer, best, test_metrics)
+            _print_fit_summary(trainer, best, test_metrics, last_weights=getattr(datamodule, "validation_by_choice_none", False))
 
 
-def _print_fit_summary(trainer, best: str | None, test_metrics: dict[str, float]) -> None:
+def _print_fit_summary(trainer, best: str | None, test_metrics: dict[str, float], last_weights: bool = False) -> None:
     lines = ["", "medrpn fit finished."]
     run = describe_run(trainer)
     logger = mlflow_logger(trainer)
@@ -194,8 +201,12 @@ def _print_fit_summary(trainer, best: str | None, test_metrics: dict[str, float]
     elif run:
         lines.append(f"  MLflow run      {run['run_id']} (experiment '{run['experiment']}') in {run['tracking_uri']}")
         lines.append(f"                  see it with: mlflow ui --backend-store-uri {run['tracking_uri']}")
-    if best:
+    if best and last_weights:
+        lines.append(f"  checkpoint      {Path(best).resolve()} (no validation: the last epoch's)")
+    elif best:
         lines.append(f"  best checkpoint {Path(best).resolve()}")
+    elif last_weights and test_metrics:
+        lines.append("  tested          the last weights (no validation split)")
     if test_metrics:
         def fmt(key: str) -> str:
             value = test_metrics.get(f"test/{key}", math.nan)

@@ -16,7 +16,7 @@ import numpy as np
 
 from medrpn.data.formats.common import Annotations, RecordBuilder, read_csv_rows, resolve
 from medrpn.data.formats.volume_csv import Geometries
-from medrpn.data.mask_boxes import boxes_from_mask
+from medrpn.data.mask_boxes import MaskConfig, boxes_from_mask
 from medrpn.data.problems import Problems
 from medrpn.errors import DataError
 
@@ -29,10 +29,9 @@ def read_lesion_masks(
     path: str | Path,
     class_names: list[str] | None = None,
     problems: Problems | None = None,
-    min_voxels: int = 1,
-    connectivity: int = 1,
+    masks: MaskConfig = MaskConfig(),
 ) -> Annotations:
-    """Read an image/mask CSV into 3D records with one box per lesion."""
+    """Read an image/mask CSV into 3D records with one box per lesion (by the rule `masks` sets)."""
     from medrpn.data.volume_files import read_volume
 
     path = Path(path)
@@ -62,7 +61,7 @@ def read_lesion_masks(
                 str(image),
             )
             continue
-        found = boxes_from_mask(mask.array, min_voxels=min_voxels, connectivity=connectivity)
+        found = boxes_from_mask(mask.array, min_voxels=masks.min_voxels, connectivity=masks.connectivity)
         if len(found.labels) and found.labels.max() >= len(class_names):
             problems.add(
                 "unknown_class",
