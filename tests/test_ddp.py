@@ -118,3 +118,51 @@ def test_the_loss_of_an_empty_batch_reaches_every_trainable_parameter():
     assert [name for name, p in trainable if p.grad is None] == []
     assert all(torch.count_nonzero(p.grad) == 0 for _, p in trainable)
     assert module.model.backbone.body.conv1.weight.grad is None
+
+
+# ---------------------------------------------------------------------------------------------
+# Volumes
+
+
+def test_two_process_ddp_fit_on_volumes_and_per_scan_validation_matches_one_process(tmp_path):
+    """The 3D detector under DDP: patches sharded over two processes, one MLflow run and one
+    checkpoint, and whole-scan validation counted per scan equal to one process's (an even number
+    of validation scans, so that the distributed sampler pads none)."""
+    from medrpn.data.synth_volumes import write_synthetic_volumes
+
+    write_synthetic_volumes(tmp_path / "data", n_volumes=10, shape=(40, 40, 16), seed=4)
+    annotations = tmp_path / "data" / "annotations.csv"
+    seed = next(
+        s for s in range(20)
+        if len(LesionDataModule(str(annotations), val_fraction=0.2, test_fraction=0.2, split_seed=s).splits["val"]) % 2 == 0
+    )
+    common = [
+        "--config", str(REPO / "configs" / "synth_volumes.yaml"), "--data.annotations", str(annotations),
+        "--data.num_workers", "0", "--data.batch_size", "2", "--data.patches.size", "[32, 32, 16]",
+        "--data.patches.per_volume", "8", "--model.volume.window", "[40, 40, 16]",
+        "--data.val_fraction", "0.2", "--data.test_fraction", "0.2", "--data.split_seed", str(seed),
+        "--model.bootstrap_samples", "20", "--trainer.enable_progress_bar", "false", "--trainer.accelerator", "cpu",
+    ]
+    output = _medrpn(
+        "fit", *common, "--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.max_epochs", "6",
+        "--trainer.check_val_every_n_epoch", "3", "--trainer.logger.init_args.run_name", "ddp-fit-3d", cwd=tmp_path,
+    )
+    assert output.count("medrpn fit finished.") == 1 and "distributed_backend=gloo" in output
+    assert "held-out test   FROC sensitivity at 1 FP/scan" in output
+    checkpoint = tmp_path / "demo" / "volume_checkpoints" / "best.ckpt"
+    assert checkpoint.is_file() and not list(checkpoint.parent.glob("best-v*.ckpt"))
+
+    for devices in ("1", "2"):
+        _medrpn(
+            "validate", *common, "--trainer.devices", devices, "--trainer.strategy", "ddp" if devices == "2" else "auto",
+            "--ckpt_path", str(checkpoint), "--trainer.logger.init_args.run_name", f"validate-3d-{devices}", cwd=tmp_path,
+        )
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlruns.db'}")
+    runs = {r.info.run_name: r for r in mlflow.search_runs(experiment_names=["medrpn-volumes"], output_format="list")}
+    assert sorted(runs) == ["ddp-fit-3d", "validate-3d-1", "validate-3d-2"]
+    one, two = runs["validate-3d-1"].data.metrics, runs["validate-3d-2"].data.metrics
+    keys = [k for k in one if k.startswith("val/")]
+    assert "val/cpm" in keys and "val/rpn_recall100" in keys
+    assert one["val/cpm"] > 0, one  # some lesions found: not a comparison of zeros
+    for key in keys:
+        assert two[key] == pytest.approx(one[key], abs=1e-6), key
