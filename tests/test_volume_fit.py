@@ -284,3 +284,44 @@ def test_predict_resamples_a_scan_to_the_target_spacing_and_maps_findings_back_t
         world = np.array(document["scan"]["affine_lps"]) @ np.array([*finding["centre_voxel"], 1.0])
         assert world[:3] == pytest.approx(finding["centre_mm_lps"], abs=0.02)
     assert max(f["box_voxels"][5] for f in document["findings"]) > 16  # in the file's 32 slices, not the grid's 16
+
+
+def test_predict_on_an_enhanced_multi_frame_file_writes_an_sr_on_its_frames(volume_run, tmp_path):
+    """pydicom's enhanced CT (one file, two frames) through `medrpn predict`: the SR references
+    the file's frames, and the run says why no presentation state is written."""
+    import json
+
+    import highdicom as hd
+    import pydicom
+    from pydicom.data import get_testdata_file
+
+    work, *_ = volume_run
+    scans = tmp_path / "scans" / "ect"
+    scans.mkdir(parents=True)
+    # its 512 x 512 frames taken down to 64 x 64 (every 8th pixel, 8 x the spacing): the same
+    # enhanced CT header and frame placement, at a size the small test model runs in seconds
+    ds = pydicom.dcmread(get_testdata_file("eCT_Supplemental.dcm"))
+    pixels = ds.pixel_array[:, ::8, ::8]
+    ds.Rows, ds.Columns = pixels.shape[1:]
+    ds.PixelData = np.ascontiguousarray(pixels).tobytes()
+    measures = ds.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
+    measures.PixelSpacing = [float(v) * 8 for v in measures.PixelSpacing]
+    ds.save_as(scans / "ect.dcm")
+    out = tmp_path / "findings"
+    result = medrpn("predict", "--ckpt", str(work / "demo" / "volume_checkpoints" / "best.ckpt"), "--input", str(tmp_path / "scans"),
+                    "--output", str(out), "--score-threshold", "0", cwd=work)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    (findings_file,) = out.rglob("findings.json")
+    document = json.loads(findings_file.read_text())
+    assert document["findings"], "a threshold of 0 keeps every detection"
+    assert document["dicom"]["sr"] == "sr.dcm" and document["dicom"]["gsps"] == []
+    assert any("enhanced multi-frame" in note for note in document["dicom"]["notes"])
+    sr = hd.sr.srread(findings_file.parent / "sr.dcm")
+    groups = sr.content.get_volumetric_roi_measurement_groups()
+    assert len(groups) == len(document["findings"])
+    uid = str(pydicom.dcmread(scans / "ect.dcm", stop_before_pixels=True).SOPInstanceUID)
+    for group, finding in zip(groups, document["findings"]):
+        references = [region.ContentSequence[0].ReferencedSOPSequence[0] for region in group.roi]
+        assert {r.ReferencedSOPInstanceUID for r in references} == {uid}
+        frames = [int(r.ReferencedFrameNumber) for r in references]
+        assert len(frames) == finding["slices"][1] - finding["slices"][0] + 1 and set(frames) <= {1, 2}

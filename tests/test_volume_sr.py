@@ -118,3 +118,43 @@ def test_the_presentation_state_draws_each_finding_on_the_slices_it_spans(tmp_pa
         result = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
         errors = [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("Error")]
         assert not errors, errors
+
+
+def test_an_enhanced_multi_frame_scan_gets_regions_on_its_frames(tmp_path):
+    """pydicom's enhanced CT (one instance, two frames placed by their functional groups): each
+    region references the instance and the frame of its slice, in the frames' order along the
+    normal worked out here from the per-frame positions."""
+    from pydicom.data import get_testdata_file
+
+    from medrpn.data.dicom_series import read_dicom_series
+
+    source = get_testdata_file("eCT_Supplemental.dcm")
+    shutil.copy(source, tmp_path / "ect.dcm")
+    volume = read_dicom_series(tmp_path)
+    ds = pydicom.dcmread(source, stop_before_pixels=True)
+    orientation = np.asarray(ds.SharedFunctionalGroupsSequence[0].PlaneOrientationSequence[0].ImageOrientationPatient, dtype=float)
+    normal = np.cross(orientation[:3], orientation[3:])
+    positions = [np.asarray(g.PlanePositionSequence[0].ImagePositionPatient, dtype=float) for g in ds.PerFrameFunctionalGroupsSequence]
+    order = sorted(range(len(positions)), key=lambda f: float(np.dot(normal, positions[f])))
+    assert volume.meta["SliceFrames"] == [f + 1 for f in order]
+    assert volume.meta["SOPInstanceUIDs"] == [str(ds.SOPInstanceUID)] * 2
+
+    file_box = np.array([[100.0, 200.0, 0.0, 150.0, 260.0, 2.0]])  # columns, rows, slices of the file
+    lps = volume.geometry.boxes_from_file_index(file_box)
+    findings = make_volume_findings(lps, np.array([0.9]), np.array([0]), ["enhancing", "ring"], volume.geometry, 0.5)
+    header = reference_header(ds)
+    sr = build_volume_report([header, header], findings, volume.geometry, MODEL, frames=volume.meta["SliceFrames"])
+    path = write_dicom(tmp_path / "sr.dcm", sr)
+    (group,) = hd.sr.srread(path).content.get_volumetric_roi_measurement_groups()
+    references = [region.ContentSequence[0].ReferencedSOPSequence[0] for region in group.roi]
+    assert [r.ReferencedSOPInstanceUID for r in references] == [str(ds.SOPInstanceUID)] * 2
+    assert [int(r.ReferencedFrameNumber) for r in references] == volume.meta["SliceFrames"]
+    for region in group.roi:
+        assert region.value.tolist() == [[100.0, 200.0], [150.0, 200.0], [150.0, 260.0], [100.0, 260.0], [100.0, 200.0]]
+    evidence = [item.ReferencedSOPInstanceUID for study in sr.CurrentRequestedProcedureEvidenceSequence
+                for series in study.ReferencedSeriesSequence for item in series.ReferencedSOPSequence]
+    assert evidence == [str(ds.SOPInstanceUID)]  # the file once, not once per frame
+    if shutil.which("dciodvfy"):
+        result = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
+        errors = [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("Error")]
+        assert not errors, errors

@@ -137,9 +137,11 @@ class _Stack:
     def meta(self) -> dict:
         ds = self.datasets[self.slices[0].path]
         meta = {k: str(ds.get(k)) for k in META_KEYWORDS if ds.get(k) not in (None, "")}
-        if self.slices[0].frame is None:
-            meta["SOPInstanceUIDs"] = [str(self.datasets[s.path].SOPInstanceUID) for s in self.slices]
-            meta["SliceFiles"] = [str(s.path) for s in self.slices]  # for references (SR) to each slice
+        # for references (SR, GSPS) to each slice: its instance, and its frame in a multi-frame file
+        meta["SOPInstanceUIDs"] = [str(self.datasets[s.path].SOPInstanceUID) for s in self.slices]
+        meta["SliceFiles"] = [str(s.path) for s in self.slices]
+        if self.slices[0].frame is not None:
+            meta["SliceFrames"] = [s.frame + 1 for s in self.slices]  # DICOM counts frames from 1
         return meta
 
 

@@ -107,8 +107,9 @@ class Volume:
         geometry: shape, affine and the file's orientation (`VolumeGeometry`).
         source: the file or folder it was read from, for messages.
         meta: identifiers (SeriesInstanceUID, StudyInstanceUID, PatientID, Modality, ...) and, for
-            a DICOM series of single-frame files, `SOPInstanceUIDs` and `SliceFiles` in the order of
-            the file's slice axis.
+            DICOM, `SOPInstanceUIDs` and `SliceFiles` in the order of the file's slice axis (for an
+            enhanced multi-frame file the same file each time, and `SliceFrames`: the DICOM frame
+            number, from 1, of each slice).
     """
 
     array: np.ndarray

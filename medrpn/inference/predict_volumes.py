@@ -198,8 +198,9 @@ def predict_volumes(
 
 
 def _write_dicom(folder: Path, volume, findings, model: ModelInfo) -> tuple[str | None, list[str], list[str]]:
-    """The scan's SR and presentation states when it is a series of single-frame DICOM files with
-    the UIDs a reference needs: (SR name, GSPS names, notes); else none and the reason."""
+    """The scan's SR and presentation states when it is DICOM with the UIDs a reference needs:
+    (SR name, GSPS names, notes); else none and the reason. An enhanced multi-frame file gets the
+    SR (regions on its frames) but no presentation state, as for multi-frame images."""
     import pydicom
 
     from medrpn.outputs.references import missing_uids, reference_header
@@ -210,13 +211,16 @@ def _write_dicom(folder: Path, volume, findings, model: ModelInfo) -> tuple[str 
 
     files = volume.meta.get("SliceFiles")
     if not files:
-        kind = "an enhanced multi-frame DICOM file" if volume.meta.get("SeriesInstanceUID") else "not DICOM"
-        return None, [], [f"no DICOM SR or GSPS: the scan is {kind} (for volumes: series of single-frame files)"]
-    headers = [reference_header(pydicom.dcmread(f, stop_before_pixels=True)) for f in files]
-    missing = sorted({uid for header in headers for uid in missing_uids(header)})
+        return None, [], ["no DICOM SR or GSPS: the scan is not DICOM"]
+    frames = volume.meta.get("SliceFrames")
+    read = {f: reference_header(pydicom.dcmread(f, stop_before_pixels=True)) for f in dict.fromkeys(files)}
+    headers = [read[f] for f in files]  # a multi-frame file's header once per slice
+    missing = sorted({uid for header in read.values() for uid in missing_uids(header)})
     if missing:
         return None, [], [f"no DICOM SR or GSPS: the series' files lack {', '.join(missing)}"]
-    write_dicom(folder / SR_NAME, build_volume_report(headers, findings, volume.geometry, model))
+    write_dicom(folder / SR_NAME, build_volume_report(headers, findings, volume.geometry, model, frames))
+    if frames is not None:
+        return SR_NAME, [], ["no GSPS: the scan is an enhanced multi-frame file; its findings are in the SR (on its frames) and the montage"]
     states, notes = build_volume_presentation_states(headers, findings, volume.geometry, model)
     names = [gsps_name(i) for i in range(len(states))]
     for name, state in zip(names, states):

@@ -15,7 +15,8 @@ per finding.
 SCOORD on each slice, rather than one SCOORD3D shape, is what PACS viewers draw on the images. The
 box goes from medrpn's LPS-oriented voxels back to the series' own (column, row, slice) axes
 (`VolumeGeometry.file_index_boxes`), slices in the order along their normal (the order the series
-was read in). Every slice of the series is listed as evidence.
+was read in). Every slice of the series is listed as evidence. For an enhanced multi-frame file
+(one instance, a frame per slice) each region references its slice's frame number.
 """
 
 from __future__ import annotations
@@ -67,20 +68,27 @@ def slice_boxes(finding: VolumeFinding, geometry: VolumeGeometry, n_slices: int)
     return [(k, box) for k in range(first, last + 1)]
 
 
-def slice_regions(finding: VolumeFinding, geometry: VolumeGeometry, slices: Sequence[Dataset]) -> list[hd.sr.ImageRegion]:
+def slice_regions(
+    finding: VolumeFinding, geometry: VolumeGeometry, slices: Sequence[Dataset], frames: Sequence[int] | None = None
+) -> list[hd.sr.ImageRegion]:
     """The finding's box as a closed polyline on every slice of the series it spans.
 
     Args:
         finding: with `box_voxels` in the volume's LPS-oriented voxels.
         geometry: the volume's (its file axes are the series' columns, rows and slices).
-        slices: reference headers of the series' slices, in the order along the normal.
+        slices: reference headers of the series' slices, in the order along the normal (for an
+            enhanced multi-frame file, its header once per slice).
+        frames: for a multi-frame file, the DICOM frame number (from 1) of each slice, which the
+            region then references; None for single-frame files.
     """
     return [
         hd.sr.ImageRegion(
             graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
             graphic_data=box_polyline(box),
             source_image=hd.sr.SourceImageForRegion(
-                referenced_sop_class_uid=slices[k].SOPClassUID, referenced_sop_instance_uid=slices[k].SOPInstanceUID
+                referenced_sop_class_uid=slices[k].SOPClassUID,
+                referenced_sop_instance_uid=slices[k].SOPInstanceUID,
+                referenced_frame_numbers=None if frames is None else [int(frames[k])],
             ),
         )
         for k, box in slice_boxes(finding, geometry, len(slices))
@@ -88,15 +96,21 @@ def slice_regions(finding: VolumeFinding, geometry: VolumeGeometry, slices: Sequ
 
 
 def build_volume_report(
-    slices: Sequence[Dataset], findings: Sequence[VolumeFinding], geometry: VolumeGeometry, model: ModelInfo
+    slices: Sequence[Dataset],
+    findings: Sequence[VolumeFinding],
+    geometry: VolumeGeometry,
+    model: ModelInfo,
+    frames: Sequence[int] | None = None,
 ) -> hd.sr.Comprehensive3DSR:
     """The SR document of one DICOM series' findings (content in the module docstring).
 
     Args:
         slices: reference headers (`medrpn.outputs.references.reference_header`) of the series'
-            slices in the order along the normal, as the volume was read.
+            slices in the order along the normal, as the volume was read; for an enhanced
+            multi-frame file its header once per slice, with `frames`.
         findings: the scan's findings (tracking assigned here when missing).
         geometry: the volume's geometry. model: the model and threshold (also the UIDs' source).
+        frames: the frame number (from 1) of each slice in its multi-frame file, or None.
     """
     if not slices:
         raise ValueError("a measurement report needs the series' slices")
@@ -119,15 +133,16 @@ def build_volume_report(
         groups.append(
             hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
                 tracking_identifier=hd.sr.TrackingIdentifier(uid=finding.tracking_uid, identifier=finding.tracking_id),
-                referenced_regions=slice_regions(finding, geometry, slices),
+                referenced_regions=slice_regions(finding, geometry, slices, frames),
                 finding_type=class_code(finding.label),
                 finding_category=codes.SCT.MorphologicallyAbnormalStructure,
                 algorithm_id=_algorithm(model, parameters=False),
                 measurements=[hd.sr.Measurement(name=CERTAINTY, value=round(finding.score, 4), unit=NO_UNITS)],
             )
         )
+    evidence = list({str(ds.SOPInstanceUID): ds for ds in slices}.values())  # a multi-frame file once
     document = report_document(
-        list(slices),
+        evidence,
         groups,
         model,
         series_instance_uid=derived_uid("sr series", model.checkpoint_sha256, model.score_threshold, study_uid),
