@@ -57,7 +57,7 @@ def ms_like(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict[
         for name, contrast in (("FLAIR", flair), ("T1", flair.max() - flair), ("T2", np.sqrt(flair - flair.min())), ("T1POST", flair * 0.5)):
             _save(contrast, volume.affine, data / patient / f"{name}.nii.gz")
         _save(binary, volume.affine, data / patient / "lesions.nii.gz")
-        components, count = ndimage.label(binary)  # face connectivity, as the recipe's rule
+        components, _ = ndimage.label(binary)  # face connectivity, as the recipe's rule
         lesions[patient] = int((np.bincount(components.ravel())[1:] >= 10).sum())
     return root, data, lesions
 

@@ -40,6 +40,7 @@ from medrpn.data.sampling import WeightedEpochSampler, check_sampler, sampling_w
 from medrpn.data.splits import SPLITS, SplitConfig, group_keys, kfold_by_patient, read_split_file, split_by_patient
 from medrpn.data.transforms import AugmentConfig, build_transform
 from medrpn.data.resampling import check_target_spacing
+from medrpn.data.volume_cache import VolumeDiskCache
 from medrpn.data.volume_loading import EpochPatchSampler, PatchConfig, TrainingPatches, VolumeStore, WholeVolumes
 from medrpn.data.volume_patches import VolumePatches
 from medrpn.errors import ConfigError, DataError
@@ -75,7 +76,8 @@ class LesionDataModule(L.LightningDataModule):
         read: how image files become arrays: window, channels, NIfTI axis, default spacing.
         split: patient grouping rule, stratification and k-fold settings, or a split file
             that fixes the split (`medrpn.data.splits`).
-        cache: where decoded images are kept ("memory", "disk" or "none").
+        cache: where decoded images are kept ("memory", "disk" or "none"); volumes: "memory" or
+            "disk" (memory-mapped, for scans that do not fit in memory together).
         on_error: "skip" (leave bad images out, with a written report) or "fail" (stop at the first).
         sampler: how an epoch draws training images: "random" (each once, shuffled), "balanced"
             (images with and without lesions equally often) or "patient" (every patient equally
@@ -170,7 +172,12 @@ class LesionDataModule(L.LightningDataModule):
         self.target_spacing = check_target_spacing(target_spacing)
         if self.target_spacing is not None and self.spatial_dims != 3:
             raise ConfigError("data.target_spacing resamples volumes; for images, data.image_size sets the input size")
-        self.volumes = VolumeStore(sequences, self.target_spacing)
+        disk = None
+        if self.spatial_dims == 3 and self.cache_config.mode == "disk":
+            disk = VolumeDiskCache(self.cache_config.dir)
+        elif self.spatial_dims == 3 and self.cache_config.mode == "none":
+            raise ConfigError('data.cache.mode "none" reads images again at every step; volumes are kept in "memory" or on "disk"')
+        self.volumes = VolumeStore(sequences, self.target_spacing, disk)
         self.in_channels = len(sequences) if sequences else 1
         self._checked = False
 
@@ -241,15 +248,18 @@ class LesionDataModule(L.LightningDataModule):
         self._checked = True
 
     def _check_volumes(self, records: list[Record]) -> None:
-        """Reads every scan once into memory (`VolumeStore`); an unreadable one leaves its split."""
-        log.info("Reading %d volumes into memory", len(records))
+        """Reads every scan once into memory or the disk cache (`VolumeStore`); an unreadable one leaves its split."""
+        log.info("Reading %d volumes", len(records))
 
         def unreadable(record: Record, error: DataError) -> None:
             kind = "missing_image" if error.reason == "file not found" else "unreadable_image"
             self.problems.add(kind, error, record.key)
 
         self.volumes.fill(records, unreadable)
-        log.info("Volumes in memory: %.0f MiB", self.volumes.nbytes / 2**20)
+        if self.volumes.disk is not None:
+            log.info("Volumes on disk under %s, memory-mapped", self.volumes.disk.folder)
+        else:
+            log.info("Volumes in memory: %.0f MiB", self.volumes.nbytes / 2**20)
         bad = self.problems.images
         self.splits = {name: [self.volumes.on_grid(r) for r in part if r.key not in bad] for name, part in self.splits.items()}
         self._checked = True

@@ -4,7 +4,8 @@ scans for evaluation, in the batch format of `medrpn.data.batch` with a third ax
 - `VolumeStore` reads every scan of the splits before the first step (with `sequences`, each
   co-registered sequence beside it as one more channel), scales it to [0, 1] (`scale_to_unit`),
   resamples it to `target_spacing` when one is set (`medrpn.data.resampling`; the records' boxes
-  then move to that grid, `VolumeStore.on_grid`) and keeps it in memory; a scan whose voxels cannot be read (truncated,
+  then move to that grid, `VolumeStore.on_grid`) and keeps it in memory, or on disk memory-mapped
+  (`data.cache.mode: disk`, `medrpn.data.volume_cache`); a scan whose voxels cannot be read (truncated,
   corrupt, too large) is a data problem of that scan, reported and left out under `on_error:
   skip`. Headers were already read with the annotations.
 - Training: `VolumePatches` crops (balanced between lesion and background, flipped), drawn anew
@@ -25,10 +26,11 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, DistributedSampler
 
+from medrpn.data.limits import DEFAULT_MAX_DECODED_BYTES
 from medrpn.data.records import Record
 from medrpn.data.resampling import grid_zoom, record_on_grid, resample_channels
-from medrpn.data.limits import DEFAULT_MAX_DECODED_BYTES
 from medrpn.data.volume import Volume
+from medrpn.data.volume_cache import VolumeDiskCache
 from medrpn.data.volume_files import read_volume, read_volume_geometry
 from medrpn.data.volume_patches import VolumePatches, scale_to_unit
 from medrpn.errors import ConfigError, DataError
@@ -106,11 +108,19 @@ class VolumeStore:
         sequences: file names of co-registered sequences beside each annotated scan, read as its
             channels in this order (`read_channels`); None: the annotated scan alone.
         target_spacing: resample every scan to these voxel sizes (x, y, z mm); None: as it is.
+        disk: keep them on disk, memory-mapped (`medrpn.data.volume_cache`), instead of in memory;
+            scans prepared by an earlier run with the same files and settings are not read again.
     """
 
-    def __init__(self, sequences: Sequence[str] | None = None, target_spacing: Sequence[float] | None = None) -> None:
+    def __init__(
+        self,
+        sequences: Sequence[str] | None = None,
+        target_spacing: Sequence[float] | None = None,
+        disk: VolumeDiskCache | None = None,
+    ) -> None:
         self.sequences = list(sequences) if sequences else None
         self.target_spacing = None if target_spacing is None else tuple(float(v) for v in target_spacing)
+        self.disk = disk
         self.arrays: dict[str, np.ndarray] = {}
         self.spacings: dict[str, tuple[float, float, float]] = {}
         self.zooms: dict[str, np.ndarray] = {}
@@ -120,17 +130,25 @@ class VolumeStore:
         for record in records:
             if record.key in self.arrays:
                 continue
-            try:
-                volume, channels = read_channels(record.image_path, self.sequences)
-            except DataError as error:
-                unreadable(record, error)
-                continue
-            zoom = np.ones(3)
-            if self.target_spacing is not None:
-                zoom = grid_zoom(channels.shape[1:], volume.spacing, self.target_spacing)
-                channels = resample_channels(channels, zoom)
+            key = self.disk.key(channel_paths(record.image_path, self.sequences), self.target_spacing) if self.disk else None
+            cached = self.disk.load(key) if key else None
+            if cached is not None:
+                channels, spacing, zoom = cached
+            else:
+                try:
+                    volume, channels = read_channels(record.image_path, self.sequences)
+                except DataError as error:
+                    unreadable(record, error)
+                    continue
+                zoom = np.ones(3)
+                if self.target_spacing is not None:
+                    zoom = grid_zoom(channels.shape[1:], volume.spacing, self.target_spacing)
+                    channels = resample_channels(channels, zoom)
+                spacing = tuple(float(s) for s in np.asarray(volume.spacing) / zoom)
+                if key:
+                    channels = self.disk.store(key, channels, spacing, zoom)
             self.arrays[record.key] = channels
-            self.spacings[record.key] = tuple(float(s) for s in np.asarray(volume.spacing) / zoom)
+            self.spacings[record.key] = spacing
             self.zooms[record.key] = zoom
 
     def on_grid(self, record: Record) -> Record:
@@ -140,7 +158,8 @@ class VolumeStore:
 
     @property
     def nbytes(self) -> int:
-        return sum(a.nbytes for a in self.arrays.values())
+        """Bytes held in memory (memory-mapped scans are on disk)."""
+        return sum(a.nbytes for a in self.arrays.values() if not isinstance(a, np.memmap))
 
 
 class EpochPatchSampler(DistributedSampler):
