@@ -182,10 +182,10 @@ class LesionDetector(nn.Module):
         if self.cross_class_nms_thresh < 1.0 and (boxes.shape[1] == 4 or len(boxes) > 1):
             if boxes.shape[1] == 4:
                 keep = batched_nms(boxes, scores, torch.zeros_like(labels), self.cross_class_nms_thresh)
-            else:  # volumes: MONAI's 3D NMS, imported only here (MONAI's import costs seconds)
-                from monai.data.box_utils import batched_nms as volume_nms
+            else:  # volumes: MONAI's 3D NMS (`medrpn.model.nms_3d`), imported only here (MONAI's import costs seconds)
+                from medrpn.model.nms_3d import batched_nms_3d
 
-                keep = volume_nms(boxes, scores, torch.zeros_like(labels), self.cross_class_nms_thresh)
+                keep = batched_nms_3d(boxes, scores, torch.zeros_like(labels), self.cross_class_nms_thresh)
             boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
         if self.containment_thresh is not None and len(boxes) > 1:
             keep = suppress_contained(boxes, scores, self.containment_thresh)

@@ -57,8 +57,8 @@ def merge_proposals(
     scores = torch.cat([s for _, s in views])
     if boxes.shape[1] == 4:
         keep = nms(boxes, scores, nms_thresh)[:top_n]
-    else:  # volumes: MONAI's 3D NMS (imported here: MONAI's import costs seconds)
-        from monai.data.box_utils import batched_nms
+    else:  # volumes: MONAI's 3D NMS (`medrpn.model.nms_3d`; imported here: MONAI's import costs seconds)
+        from medrpn.model.nms_3d import batched_nms_3d
 
-        keep = batched_nms(boxes, scores, torch.zeros(len(boxes), dtype=torch.int64, device=boxes.device), nms_thresh)[:top_n]
+        keep = batched_nms_3d(boxes, scores, torch.zeros(len(boxes), dtype=torch.int64, device=boxes.device), nms_thresh)[:top_n]
     return boxes[keep], scores[keep]

@@ -18,10 +18,11 @@ from collections import OrderedDict
 import torch
 import torch.nn.functional as F
 from monai.apps.detection.utils.box_coder import BoxCoder
-from monai.data.box_utils import batched_nms, box_iou, box_pair_giou, clip_boxes_to_image
+from monai.data.box_utils import box_iou, box_pair_giou, clip_boxes_to_image
 from torch import Tensor, nn
 from torchvision.models.detection._utils import BalancedPositiveNegativeSampler, Matcher
 
+from medrpn.model.nms_3d import batched_nms_3d
 from medrpn.model.roi_align_3d import roi_align_3d
 from medrpn.model.roi_heads import RoIConfig
 
@@ -145,7 +146,7 @@ class RoIHeads3D(nn.Module):
             flat_scores, flat_labels = flat_scores[keep], flat_labels[keep]
             good = flat_scores > self.config.score_thresh
             flat_boxes, flat_scores, flat_labels = flat_boxes[good], flat_scores[good], flat_labels[good]
-            keep = batched_nms(flat_boxes, flat_scores, flat_labels, self.config.nms_thresh)
+            keep = batched_nms_3d(flat_boxes, flat_scores, flat_labels, self.config.nms_thresh)
             keep = keep[flat_scores[keep].argsort(descending=True)][: self.config.detections_per_img]
             out.append({"boxes": flat_boxes[keep], "scores": flat_scores[keep], "labels": flat_labels[keep]})
         return out

@@ -15,14 +15,18 @@ from collections import OrderedDict
 
 import torch
 import torch.nn.functional as F
-from monai.apps.detection.networks.retinanet_network import RetinaNetClassificationHead, RetinaNetRegressionHead
+from monai.apps.detection.networks.retinanet_network import (
+    RetinaNetClassificationHead,
+    RetinaNetRegressionHead,
+)
 from monai.apps.detection.utils.box_coder import BoxCoder
-from monai.data.box_utils import batched_nms, box_iou, clip_boxes_to_image
+from monai.data.box_utils import box_iou, clip_boxes_to_image
 from torch import Tensor, nn
 from torchvision.models.detection._utils import BalancedPositiveNegativeSampler, Matcher
 from torchvision.ops import sigmoid_focal_loss
 
 from medrpn.errors import ConfigError
+from medrpn.model.nms_3d import batched_nms_3d
 from medrpn.model.rpn import RPNConfig
 
 SAMPLERS_3D = ("balanced", "focal")
@@ -110,7 +114,7 @@ class RPN3D(nn.Module):
         boxes, probs, levels = boxes, probs[keep], levels[keep]
         large = ((boxes[:, 3:] - boxes[:, :3]) >= MIN_SIZE).all(dim=1) & (probs >= self.config.score_thresh)
         boxes, probs, levels = boxes[large], probs[large], levels[large]
-        keep = batched_nms(boxes, probs, levels, self.nms_thresh)
+        keep = batched_nms_3d(boxes, probs, levels, self.nms_thresh)
         keep = keep[probs[keep].argsort(descending=True)][: self.post_nms_top_n()]
         return boxes[keep], probs[keep]
 

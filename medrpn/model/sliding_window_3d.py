@@ -104,14 +104,16 @@ def _in_scan(
 
 
 def _merge(parts: list[tuple[Tensor, Tensor, Tensor]], iou: float) -> tuple[Tensor, Tensor, Tensor]:
-    """One set from the windows' sets: per class NMS (MONAI's) at `iou`, best score first."""
-    from monai.data.box_utils import batched_nms
+    """One set from the windows' sets: per class NMS (MONAI's, `medrpn.model.nms_3d`) at `iou`, best score first."""
+    from medrpn.model.nms_3d import (
+        batched_nms_3d,  # imports MONAI: seconds, only for volumes
+    )
 
     boxes = torch.cat([p[0] for p in parts]).reshape(-1, 6)
     scores = torch.cat([p[1] for p in parts])
     labels = torch.cat([p[2] for p in parts])
     if len(boxes) == 0:
         return boxes, scores, labels
-    keep = batched_nms(boxes, scores, labels, iou)
+    keep = batched_nms_3d(boxes, scores, labels, iou)
     keep = keep[scores[keep].argsort(descending=True)]
     return boxes[keep], scores[keep], labels[keep]
