@@ -33,16 +33,38 @@ def _medrpn(*args: str, cwd: Path) -> str:
     return output
 
 
+def _even_validation_seed(annotations: Path, val_fraction: float, test_fraction: float) -> int:
+    """A split seed giving an even number of validation items, so the distributed sampler pads nothing."""
+    return next(
+        s for s in range(20)
+        if len(LesionDataModule(str(annotations), val_fraction=val_fraction, test_fraction=test_fraction, split_seed=s).splits["val"]) % 2 == 0
+    )
+
+
+def _validate_on_one_and_two_processes(root: Path, common: list[str], checkpoint: Path, experiment: str, prefix: str):
+    """`medrpn validate` of the checkpoint with 1 and then 2 processes; every MLflow run of the
+    experiment by name, and the val/ metrics of the two validations, which must be equal."""
+    for devices in ("1", "2"):
+        _medrpn(
+            "validate", *common, "--trainer.devices", devices, "--trainer.strategy", "ddp" if devices == "2" else "auto",
+            "--ckpt_path", str(checkpoint), "--trainer.logger.init_args.run_name", f"{prefix}-{devices}", cwd=root,
+        )
+    mlflow.set_tracking_uri(f"sqlite:///{root / 'mlruns.db'}")
+    runs = {r.info.run_name: r for r in mlflow.search_runs(experiment_names=[experiment], output_format="list")}
+    one, two = runs[f"{prefix}-1"].data.metrics, runs[f"{prefix}-2"].data.metrics
+    keys = [k for k in one if k.startswith("val/")]
+    assert "val/cpm" in keys and "val/rpn_recall100" in keys
+    for key in keys:
+        assert two[key] == pytest.approx(one[key], abs=1e-6), key
+    return runs, one
+
+
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("ddp")
     write_synthetic_dataset(root / "data", n_images=40, image_size=128, seed=11)
     annotations = root / "data" / "annotations.csv"
-    # an even number of validation images, so that the distributed sampler pads nothing
-    seed = next(
-        s for s in range(20)
-        if len(LesionDataModule(str(annotations), val_fraction=0.25, test_fraction=0.1, split_seed=s).splits["val"]) % 2 == 0
-    )
+    seed = _even_validation_seed(annotations, 0.25, 0.1)
     common = [
         "--config", str(REPO / "configs" / "demo.yaml"), "--data.annotations", str(annotations),
         "--data.image_size", "128", "--data.num_workers", "0", "--data.batch_size", "2",
@@ -64,20 +86,9 @@ def test_two_process_ddp_fit_makes_one_run_and_validation_matches_one_process(da
     checkpoint = root / "demo" / "checkpoints" / "best.ckpt"
     assert checkpoint.is_file() and not list((root / "demo" / "checkpoints").glob("best-v*.ckpt"))
 
-    for devices in ("1", "2"):
-        _medrpn(
-            "validate", *common, "--trainer.devices", devices, "--trainer.strategy", "ddp" if devices == "2" else "auto",
-            "--ckpt_path", str(checkpoint), "--trainer.logger.init_args.run_name", f"validate-{devices}", cwd=root,
-        )
-    mlflow.set_tracking_uri(f"sqlite:///{root / 'mlruns.db'}")
-    runs = {r.info.run_name: r for r in mlflow.search_runs(experiment_names=["medrpn-demo"], output_format="list")}
+    runs, _ = _validate_on_one_and_two_processes(root, common, checkpoint, "medrpn-demo", "validate")
     assert sorted(runs) == ["ddp-fit", "validate-1", "validate-2"]  # one run per command, not per process
     assert "val/cpm" in runs["ddp-fit"].data.metrics and "test/froc_1fp" in runs["ddp-fit"].data.metrics
-    one, two = runs["validate-1"].data.metrics, runs["validate-2"].data.metrics
-    keys = [k for k in one if k.startswith("val/")]
-    assert "val/cpm" in keys and "val/rpn_recall100" in keys
-    for key in keys:
-        assert two[key] == pytest.approx(one[key], abs=1e-6), key
 
 
 # ---------------------------------------------------------------------------------------------
@@ -132,10 +143,7 @@ def test_two_process_ddp_fit_on_volumes_and_per_scan_validation_matches_one_proc
 
     write_synthetic_volumes(tmp_path / "data", n_volumes=10, shape=(40, 40, 16), seed=4)
     annotations = tmp_path / "data" / "annotations.csv"
-    seed = next(
-        s for s in range(20)
-        if len(LesionDataModule(str(annotations), val_fraction=0.2, test_fraction=0.2, split_seed=s).splits["val"]) % 2 == 0
-    )
+    seed = _even_validation_seed(annotations, 0.2, 0.2)
     common = [
         "--config", str(REPO / "configs" / "synth_volumes.yaml"), "--data.annotations", str(annotations),
         "--data.num_workers", "0", "--data.batch_size", "2", "--data.patches.size", "[32, 32, 16]",
@@ -152,17 +160,6 @@ def test_two_process_ddp_fit_on_volumes_and_per_scan_validation_matches_one_proc
     checkpoint = tmp_path / "demo" / "volume_checkpoints" / "best.ckpt"
     assert checkpoint.is_file() and not list(checkpoint.parent.glob("best-v*.ckpt"))
 
-    for devices in ("1", "2"):
-        _medrpn(
-            "validate", *common, "--trainer.devices", devices, "--trainer.strategy", "ddp" if devices == "2" else "auto",
-            "--ckpt_path", str(checkpoint), "--trainer.logger.init_args.run_name", f"validate-3d-{devices}", cwd=tmp_path,
-        )
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlruns.db'}")
-    runs = {r.info.run_name: r for r in mlflow.search_runs(experiment_names=["medrpn-volumes"], output_format="list")}
+    runs, one = _validate_on_one_and_two_processes(tmp_path, common, checkpoint, "medrpn-volumes", "validate-3d")
     assert sorted(runs) == ["ddp-fit-3d", "validate-3d-1", "validate-3d-2"]
-    one, two = runs["validate-3d-1"].data.metrics, runs["validate-3d-2"].data.metrics
-    keys = [k for k in one if k.startswith("val/")]
-    assert "val/cpm" in keys and "val/rpn_recall100" in keys
     assert one["val/cpm"] > 0, one  # some lesions found: not a comparison of zeros
-    for key in keys:
-        assert two[key] == pytest.approx(one[key], abs=1e-6), key
