@@ -52,6 +52,10 @@ class RoIConfig:
             2.0), for the classifier to see around the lesion; None: the box alone.
         box_loss: "smooth_l1" on the encoded offsets (torchvision's), or "giou" on the decoded box.
         box_loss_weight: the box loss's weight; None: 1 for smooth L1, 10 for GIoU (mmdetection's).
+        cascade_iou: None for one stage; or the IoU at which each stage of a cascade matches its
+            RoIs to lesions, rising (Cascade R-CNN's [0.5, 0.6, 0.7]): every stage refines the
+            boxes of the one before (`medrpn.model.cascade_roi_heads`). It replaces
+            fg_iou_thresh and bg_iou_thresh. 2D only.
     """
 
     output_size: int = 7
@@ -67,8 +71,16 @@ class RoIConfig:
     context_scale: float | None = None
     box_loss: str = "smooth_l1"
     box_loss_weight: float | None = None
+    cascade_iou: list[float] | None = None
 
     def __post_init__(self) -> None:
+        if self.cascade_iou is not None:
+            ious = [float(v) for v in self.cascade_iou]
+            if len(ious) < 2 or not all(0 < v < 1 for v in ious) or any(b <= a for a, b in zip(ious, ious[1:])):
+                raise ConfigError(
+                    f"model.roi.cascade_iou must be two or more rising IoUs between 0 and 1 (e.g. [0.5, 0.6, 0.7]), or null; got {self.cascade_iou}"
+                )
+            self.cascade_iou = ious
         if self.context_scale is not None and not self.context_scale > 1.0:
             raise ConfigError(f"model.roi.context_scale must be above 1 (the enlarged box), or null; got {self.context_scale}")
         if self.box_loss not in BOX_LOSSES:
@@ -128,7 +140,10 @@ class LesionRoIHeads(RoIHeads):
         """Cross-entropy over classes, and the box loss over the lesion RoIs (each with its own
         class's offsets), summed and divided by all sampled RoIs as torchvision does."""
         positive = (labels > 0).nonzero().flatten()
-        deltas = box_regression.reshape(len(labels), -1, 4)[positive, labels[positive]]
+        if box_regression.shape[1] == 4:  # one class-agnostic box per RoI (a cascade stage's)
+            deltas = box_regression[positive]
+        else:
+            deltas = box_regression.reshape(len(labels), -1, 4)[positive, labels[positive]]
         if self.box_loss == "giou":
             predicted = self.box_coder.decode_single(deltas, rois[positive])
             lesion = self.box_coder.decode_single(regression_targets[positive], rois[positive])
@@ -141,25 +156,38 @@ class LesionRoIHeads(RoIHeads):
         }
 
 
-def build_roi_heads(config: RoIConfig, feature_names: list[str], in_channels: int, num_classes: int) -> LesionRoIHeads:
-    """Builds the second stage for `num_classes` lesion classes (background is added here)."""
+def build_roi_heads(config: RoIConfig, feature_names: list[str], in_channels: int, num_classes: int) -> nn.Module:
+    """Builds the second stage for `num_classes` lesion classes (background is added here): one
+    `LesionRoIHeads`, or with `config.cascade_iou` a `CascadeRoIHeads` of one per IoU."""
     pool = MultiScaleRoIAlign(
         featmap_names=feature_names, output_size=config.output_size, sampling_ratio=config.sampling_ratio
     )
     channels = in_channels
     if config.context_scale is not None:
         pool, channels = ContextRoIAlign(pool, config.context_scale), 2 * in_channels
+    if config.cascade_iou is None:
+        predictor = FastRCNNPredictor(config.representation_size, num_classes + 1)
+        return _stage(config, pool, channels, predictor, config.fg_iou_thresh, config.bg_iou_thresh, None)
+    from medrpn.model.cascade_roi_heads import AgnosticBoxPredictor, CascadeRoIHeads, stage_box_weights
+
+    stages = [
+        _stage(config, None, channels, AgnosticBoxPredictor(config.representation_size, num_classes + 1), iou, iou, stage_box_weights(i))
+        for i, iou in enumerate(config.cascade_iou)
+    ]
+    return CascadeRoIHeads(pool, stages)
+
+
+def _stage(config: RoIConfig, pool: nn.Module | None, channels: int, predictor: nn.Module, fg_iou: float, bg_iou: float, box_weights) -> LesionRoIHeads:
     head = TwoMLPHead(channels * config.output_size**2, config.representation_size)
-    predictor = FastRCNNPredictor(config.representation_size, num_classes + 1)
     return LesionRoIHeads(
         pool,
         head,
         predictor,
-        fg_iou_thresh=config.fg_iou_thresh,
-        bg_iou_thresh=config.bg_iou_thresh,
+        fg_iou_thresh=fg_iou,
+        bg_iou_thresh=bg_iou,
         batch_size_per_image=config.batch_size_per_image,
         positive_fraction=config.positive_fraction,
-        bbox_reg_weights=None,
+        bbox_reg_weights=box_weights,
         score_thresh=config.score_thresh,
         nms_thresh=config.nms_thresh,
         detections_per_img=config.detections_per_img,
