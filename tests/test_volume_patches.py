@@ -55,3 +55,29 @@ def test_2d_records_are_refused(records):
 
     with pytest.raises(ConfigError, match="volume records"):
         VolumePatches([Record("a.png", [[0, 0, 1, 1]], [0])], (8, 8, 8))
+
+
+def test_each_lesion_is_as_likely_a_crop_centre_whatever_its_size_and_fits_whole():
+    """A scan with one lesion box larger than the crop (a confluent MS lesion) and one of 3 voxels:
+    crops chosen by voxel would almost all land in the large box; chosen by lesion, half hold the
+    small one, whole, and the others lie inside the large one."""
+    import numpy as np
+
+    from medrpn.data.records import Record
+
+    large, small = [10.0, 10.0, 10.0, 90.0, 90.0, 60.0], [100.0, 20.0, 40.0, 103.0, 23.0, 43.0]
+    record = Record("scan.nii.gz", [large, small], [0, 1])
+    volume = np.zeros((1, 120, 100, 70), np.float32)
+    patches = VolumePatches([record], (24, 24, 16), positive_fraction=1.0, samples_per_volume=200, flip=False, volumes={record.key: volume})
+    holding_small = 0
+    for index in range(len(patches)):
+        image, target = patches[index]
+        assert image.shape == (1, 24, 24, 16)
+        boxes = {label: box for box, label in zip(target["boxes"].tolist(), target["labels"].tolist())}
+        if 1 in boxes:
+            holding_small += 1
+            x1, y1, z1, x2, y2, z2 = boxes[1]
+            assert (x2 - x1, y2 - y1, z2 - z1) == (3.0, 3.0, 3.0)  # whole, not cut by the crop
+        else:  # inside the large lesion: its box clipped to the whole crop
+            assert boxes[0] == [0.0, 0.0, 0.0, 24.0, 24.0, 16.0]
+    assert 70 <= holding_small <= 130
