@@ -112,3 +112,15 @@ def test_cascade_settings_are_checked():
             RoIConfig(cascade_iou=bad)
     with pytest.raises(ConfigError, match="2D only"):
         build_detector_3d(Detector3DConfig(num_classes=1, roi=RoIConfig(cascade_iou=[0.5, 0.6])))
+
+
+def test_the_cascade_is_a_setting_of_the_weights_shape():
+    """A checkpoint of a cascade only fits a cascade of the same stages: validate/predict take the
+    setting from the checkpoint, as for the head's other shape settings."""
+    from medrpn.training.lightning_module import _SHAPE_FIELDS, LesionDetectionModule
+
+    assert "cascade_iou" in _SHAPE_FIELDS["roi"]
+    module = LesionDetectionModule(class_names=["a", "b"], roi={"cascade_iou": [0.5, 0.6, 0.7]})
+    assert isinstance(module.model.roi_heads, CascadeRoIHeads) and len(module.model.roi_heads.stages) == 3
+    with pytest.raises(ConfigError, match="cascade_iou"):
+        LesionDetectionModule(class_names=["a"], roi={"cascade_iou": [0.7, 0.5]})

@@ -69,7 +69,7 @@ _MODEL_SHAPE_KEYS = (
 )
 _SHAPE_FIELDS = {
     "rpn": ("objectness", "conv_depth"),
-    "roi": ("output_size", "sampling_ratio", "representation_size", "context_scale"),
+    "roi": ("output_size", "sampling_ratio", "representation_size", "context_scale", "cascade_iou"),
     "volume": ("backbone", "anchors"),
 }
 # Settings that come from the data, never from a checkpoint (on_load_checkpoint refuses others).
