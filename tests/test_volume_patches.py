@@ -81,3 +81,25 @@ def test_each_lesion_is_as_likely_a_crop_centre_whatever_its_size_and_fits_whole
         else:  # inside the large lesion: its box clipped to the whole crop
             assert boxes[0] == [0.0, 0.0, 0.0, 24.0, 24.0, 16.0]
     assert 70 <= holding_small <= 130
+
+
+def test_boxes_the_crop_cuts_below_min_visible_are_left_out():
+    """The same scan with `min_visible` 0.5: the large lesion, never half inside a crop, is no
+    crop's target any more; the small one, whole in its crops, still is."""
+    import numpy as np
+
+    from medrpn.data.records import Record
+    from medrpn.data.volume_loading import PatchConfig
+    from medrpn.errors import ConfigError
+
+    large, small = [10.0, 10.0, 10.0, 90.0, 90.0, 60.0], [100.0, 20.0, 40.0, 103.0, 23.0, 43.0]
+    record = Record("scan.nii.gz", [large, small], [0, 1])
+    volume = np.zeros((1, 120, 100, 70), np.float32)
+    patches = VolumePatches(
+        [record], (24, 24, 16), positive_fraction=1.0, samples_per_volume=100, flip=False, volumes={record.key: volume}, min_visible=0.5
+    )
+    labels = [patches[i][1]["labels"].tolist() for i in range(len(patches))]
+    assert all(0 not in crop for crop in labels)
+    assert 30 <= sum(1 in crop for crop in labels) <= 70
+    with pytest.raises(ConfigError, match="min_visible"):
+        PatchConfig(min_visible=1.5)

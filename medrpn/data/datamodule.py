@@ -297,7 +297,8 @@ class LesionDataModule(L.LightningDataModule):
         p = self.patches
         seed = int(os.environ.get("PL_GLOBAL_SEED", 0))  # seed_everything's, equal on every rank
         patches = VolumePatches(
-            self.splits["train"], tuple(p.size), p.positive_fraction, p.per_volume, p.flip, seed, self.volumes.arrays
+            self.splits["train"], tuple(p.size), p.positive_fraction, p.per_volume, p.flip, seed, self.volumes.arrays,
+            min_visible=p.min_visible,
         )
         trainer = self.trainer
         replicas, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)

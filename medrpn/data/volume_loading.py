@@ -47,12 +47,15 @@ class PatchConfig:
         per_volume: patches drawn from each training volume per epoch.
         positive_fraction: share of patches centred in a lesion (scans with lesions).
         flip: flip patches at random along each axis.
+        min_visible: boxes a patch cuts to less than this share of their extent along any axis
+            are left out of its targets (0: all kept, clipped to the patch).
     """
 
     size: list[int] = field(default_factory=lambda: [64, 64, 32])
     per_volume: int = 4
     positive_fraction: float = 0.5
     flip: bool = True
+    min_visible: float = 0.0
 
     def __post_init__(self) -> None:
         if len(self.size) != 3 or min(self.size) < 1:
@@ -61,6 +64,8 @@ class PatchConfig:
             raise ConfigError(f"data.patches.per_volume must be >= 1, got {self.per_volume}")
         if not 0 <= self.positive_fraction <= 1:
             raise ConfigError(f"data.patches.positive_fraction must be in [0, 1], got {self.positive_fraction}")
+        if not 0 <= self.min_visible <= 1:
+            raise ConfigError(f"data.patches.min_visible must be in [0, 1], got {self.min_visible}")
 
 
 def channel_paths(reference: Path, sequences: Sequence[str] | None) -> list[Path]:

@@ -57,6 +57,9 @@ class VolumePatches(Dataset):
         seed: seed of the crops and flips (each item derives its own from it).
         volumes: the records' voxels already scaled (`scale_to_unit`), (C, X, Y, Z) or (X, Y, Z),
             by record key; by default each volume is read on first use and kept.
+        min_visible: a box the crop cuts to less than this share of its extent along any axis is
+            left out of the crop's targets (0: every box that keeps a voxel stays, clipped). A
+            confluent lesion far larger than the crop then does not make the whole crop a box.
 
     Index i + e * len(self) is item i drawn for epoch `epoch + e` (`EpochPatchSampler` yields
     such indices, so every epoch gets new crops in worker processes too).
@@ -71,6 +74,7 @@ class VolumePatches(Dataset):
         flip: bool = True,
         seed: int = 0,
         volumes: Mapping[str, np.ndarray] | None = None,
+        min_visible: float = 0.0,
     ) -> None:
         if any(r.spatial_dims != 3 for r in records):
             raise ConfigError("VolumePatches takes volume records (boxes x1, y1, z1, x2, y2, z2)")
@@ -82,6 +86,7 @@ class VolumePatches(Dataset):
         self.samples_per_volume = samples_per_volume
         self.flip = flip
         self.seed = seed
+        self.min_visible = min_visible
         self.epoch = 0
         self._volumes: dict[str, np.ndarray] = {} if volumes is None else volumes  # type: ignore[assignment]
 
@@ -132,8 +137,15 @@ class VolumePatches(Dataset):
         if len(boxes):
             from monai.data.box_utils import clip_boxes_to_image
 
-            boxes, keep = clip_boxes_to_image(boxes - np.concatenate([start, start]).astype(np.float32), size.tolist())
-            labels = labels[np.asarray(keep, dtype=bool)]
+            moved = boxes - np.concatenate([start, start]).astype(np.float32)
+            boxes, keep = clip_boxes_to_image(moved, size.tolist())
+            keep = np.asarray(keep, dtype=bool)
+            labels = labels[keep]
+            if self.min_visible > 0 and len(boxes):
+                extent = moved[keep, 3:] - moved[keep, :3]
+                visible = (np.asarray(boxes)[:, 3:] - np.asarray(boxes)[:, :3]) / np.maximum(extent, 1e-6)
+                whole_enough = visible.min(axis=1) >= self.min_visible
+                boxes, labels = np.asarray(boxes)[whole_enough], labels[whole_enough]
         return {"image": np.ascontiguousarray(crop), "boxes": np.asarray(boxes, np.float32).reshape(-1, 6), "labels": labels}
 
 
