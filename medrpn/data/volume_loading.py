@@ -45,7 +45,7 @@ class PatchConfig:
     Attributes:
         size: patch size along x, y, z in voxels (a scan smaller along an axis is not cropped there).
         per_volume: patches drawn from each training volume per epoch.
-        positive_fraction: share of patches centred in a lesion (scans with lesions).
+        positive_fraction: share of patches placed around a lesion (scans with lesions).
         flip: flip patches at random along each axis.
         min_visible: boxes a patch cuts to less than this share of their extent along any axis
             are left out of its targets (0: all kept, clipped to the patch).
