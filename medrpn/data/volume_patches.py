@@ -6,7 +6,8 @@ and most of a scan holds no lesion. With probability `positive_fraction` a crop 
 lesion: one of the scan's lesions, each as likely as the others whatever its size, and the crop
 at a random place where it holds that lesion whole (or, for a lesion larger than the crop, where
 it lies inside the lesion's box). Otherwise the crop is anywhere. Boxes are moved into the crop
-and clipped to it; a box cut to nothing is dropped (MONAI's `clip_boxes_to_image`). Then random
+and clipped to it; a box cut to nothing is dropped (and with `min_visible` one cut below that
+share of its extent along an axis). Then random
 flips along each axis (MONAI's `RandFlipBoxd`, boxes flipped with the voxels).
 
 Lesions are chosen, not voxels, as nnDetection samples objects: MONAI's `RandCropBoxByPosNegLabeld`
@@ -134,18 +135,12 @@ class VolumePatches(Dataset):
         stop = start + size
         crop = image[:, start[0] : stop[0], start[1] : stop[1], start[2] : stop[2]]
         labels = np.asarray(record.labels, dtype=np.int64).reshape(-1)
-        if len(boxes):
-            from monai.data.box_utils import clip_boxes_to_image
-
-            moved = boxes - np.concatenate([start, start]).astype(np.float32)
-            boxes, keep = clip_boxes_to_image(moved, size.tolist())
-            keep = np.asarray(keep, dtype=bool)
-            labels = labels[keep]
-            if self.min_visible > 0 and len(boxes):
-                extent = moved[keep, 3:] - moved[keep, :3]
-                visible = (np.asarray(boxes)[:, 3:] - np.asarray(boxes)[:, :3]) / np.maximum(extent, 1e-6)
-                whole_enough = visible.min(axis=1) >= self.min_visible
-                boxes, labels = np.asarray(boxes)[whole_enough], labels[whole_enough]
+        moved = boxes - np.concatenate([start, start]).astype(np.float32)
+        clipped = np.concatenate([np.clip(moved[:, :3], 0, size), np.clip(moved[:, 3:], 0, size)], axis=1)
+        visible = clipped[:, 3:] - clipped[:, :3]
+        # a box cut to nothing goes; so does one cut below `min_visible` of its extent along an axis
+        keep = (visible > 0).all(axis=1) & (visible / np.maximum(moved[:, 3:] - moved[:, :3], 1e-6) >= self.min_visible).all(axis=1)
+        boxes, labels = clipped[keep], labels[keep]
         return {"image": np.ascontiguousarray(crop), "boxes": np.asarray(boxes, np.float32).reshape(-1, 6), "labels": labels}
 
 
