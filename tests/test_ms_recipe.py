@@ -19,6 +19,7 @@ from scipy import ndimage
 
 from medrpn.data.annotations import read_annotations
 from medrpn.data.mask_boxes import MaskConfig
+from medrpn.data.problems import Problems
 from medrpn.data.synth_volumes import write_synthetic_volumes
 from medrpn.data.volume_files import read_volume
 from medrpn.errors import ConfigError
@@ -42,12 +43,13 @@ def _save(array: np.ndarray, affine_lps: np.ndarray, path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def ms_like(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict[str, int]]:
-    """Three patients named as in the MS data, each FLAIR/T1/T2/T1POST and lesions.nii.gz."""
+    """Three patients named as in the MS data, each FLAIR/T1/T2/T1POST and lesions.nii.gz; with
+    each patient's lesions (components of >= 10 voxels) and specks (fewer) counted."""
     root = tmp_path_factory.mktemp("ms_like")
     synth = root / "synth"
     write_synthetic_volumes(synth, n_volumes=3, shape=(40, 40, 16), seed=5)
     rows = (synth / "masks.csv").read_text().splitlines()[1:]
-    data, lesions = root / "ms-lesions-3d", {}
+    data, lesions, specks = root / "ms-lesions-3d", {}, {}
     for patient, row in zip(_bench().PATIENTS, rows):
         image, mask_file, _ = row.split(",")
         volume, mask = read_volume(synth / image), read_volume(synth / mask_file)
@@ -58,15 +60,23 @@ def ms_like(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict[
             _save(contrast, volume.affine, data / patient / f"{name}.nii.gz")
         _save(binary, volume.affine, data / patient / "lesions.nii.gz")
         components, _ = ndimage.label(binary)  # face connectivity, as the recipe's rule
-        lesions[patient] = int((np.bincount(components.ravel())[1:] >= 10).sum())
-    return root, data, lesions
+        sizes = np.bincount(components.ravel())[1:]
+        lesions[patient] = int((sizes >= 10).sum())
+        specks[patient] = int((sizes < 10).sum())
+    return root, data, lesions, specks
 
 
 def test_the_bench_writes_one_csv_and_a_split_per_held_out_patient(ms_like):
-    root, data, lesions = ms_like
+    root, data, lesions, specks = ms_like
     bench = _bench()
     csv = bench.write_dataset(data, root / "out")
-    records, classes = read_annotations(csv, masks=MaskConfig(min_voxels=10))
+    problems = Problems("skip")
+    records, classes = read_annotations(csv, problems=problems, masks=MaskConfig(min_voxels=10))
+    assert len(problems) == 0  # specks left out by a setting are not problems, but they are said
+    assert problems.notes == [
+        f"{csv}: {sum(specks.values())} mask component(s) under data.masks.min_voxels = 10 voxels left out "
+        f"as too small to be lesions, in 3 scan(s)"
+    ]
     assert classes == ["lesion"] and [r.patient_id for r in records] == list(bench.PATIENTS)
     every = read_annotations(csv)[0]  # min_voxels 1: the specks are lesions too
     for record, all_boxes in zip(records, every):
@@ -86,7 +96,7 @@ def test_mask_settings_are_checked():
 
 
 def test_the_recipe_trains_without_validation_and_keeps_the_last_weights(ms_like):
-    root, data, lesions = ms_like
+    root, data, lesions, specks = ms_like
     out = root / "out"
     _bench().write_dataset(data, out)
     shrink = [
@@ -99,6 +109,7 @@ def test_the_recipe_trains_without_validation_and_keeps_the_last_weights(ms_like
     assert "validation    none, as asked" in text and "verdict       ready to train" in text
     train_boxes = sum(lesions[p] for p in _bench().PATIENTS[1:])
     assert f"split train   2 patients, 2 scans, {train_boxes} boxes" in text  # the specks are not lesions
+    assert f"note          {out / 'masks.csv'}: {sum(specks.values())} mask component(s) under data.masks.min_voxels = 10" in text
 
     fit = medrpn("fit", "--config", str(REPO / "configs" / "ms_lesions_3d.yaml"), *shrink,
                  "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--model.bootstrap_samples", "20", cwd=root)

@@ -55,6 +55,7 @@ def check_volumes(data: dict[str, Any], source: str = "config") -> tuple[list[st
     if other:
         out.append(f"problems      {len(other)} in the annotations (each takes its scan out of training):")
         out += [f"  {p.kind:<13} {p.error}" for p in other]
+    out += [f"note          {note}" for note in problems.notes]
     usable = [r for r in readable if r.key not in problems.images]
     out.append(f"usable        {len(usable)} scans ({len(problems.images)} left out)")
     for r in usable:

@@ -4,6 +4,8 @@ Every problem is a `DataError` (file, row where there is one, reason) with a kin
 `medrpn check-data` can count boxes outside the image apart from unreadable files. Under `skip`
 the image a problem touches is left out of training as a whole (an image with a lesion whose box
 is wrong would otherwise teach "no lesion here"), and `write_report` lists what was left out.
+What a setting leaves out on purpose (mask components below `data.masks.min_voxels`) is not a
+problem but is said too: a note, logged and listed by `medrpn check-data`.
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ class Problems:
             raise ConfigError(f"on_error must be one of {', '.join(POLICIES)}, got {policy!r}")
         self.policy = policy
         self.items: list[Problem] = []
+        self.notes: list[str] = []
 
     def add(self, kind: str, error: DataError, image: str | Path | None = None) -> None:
         """Raise `error` (policy fail) or record it (policy skip)."""
@@ -70,6 +73,11 @@ class Problems:
             log.warning("Skipping unreadable image %s: %s", error.path, error.reason)
         else:
             log.warning("Skipping %s: %s", "an image" if image else "an entry", error)
+
+    def note(self, message: str) -> None:
+        """Record (and log) something a setting left out on purpose, under either policy."""
+        self.notes.append(message)
+        log.warning("%s", message)
 
     @property
     def images(self) -> set[str]:

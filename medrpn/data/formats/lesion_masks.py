@@ -3,9 +3,11 @@ lesion mask per row (paths relative to the CSV's folder).
 
 Each mask becomes boxes by the rule of `medrpn.data.mask_boxes` (a lesion is a face-connected
 component of one mask value, class = value - 1, components under `min_voxels` dropped, confluent
-lesions one box). The mask must lie on the image's voxel grid (same shape and voxel-to-world
-transform, as a segmentation tool writes it); a mask on another grid, or with a value beyond the
-class names, is a problem naming the line. Class names default to ["lesion"] (a binary mask).
+lesions one box); how many components were dropped, in how many scans, is said in a note of the
+problems (logged, and listed by `medrpn check-data`). The mask must lie on the image's voxel grid
+(same shape and voxel-to-world transform, as a segmentation tool writes it); a mask on another
+grid, or with a value beyond the class names, is a problem naming the line. Class names default
+to ["lesion"] (a binary mask).
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ def read_lesion_masks(
     col = {name: header.index(name) for name in header}
     builder = RecordBuilder(path, spatial_dims=3)
     geometry_of = Geometries(problems)
+    dropped: list[int] = []  # per scan with a component under min_voxels, how many
     for line, row in rows:
         if len(row) != len(header) or not row[col["image"]] or not row[col["mask"]]:
             problems.add("bad_row", DataError(path, f"expected an image and a mask ({len(header)} fields), got {row}", row=line))
@@ -72,4 +75,11 @@ def read_lesion_masks(
         builder.add_image(image, row[col["patient_id"]] if "patient_id" in col else None)
         for box, label in zip(found.boxes.tolist(), found.labels.tolist()):
             builder.add_box(image, box, label, line)
+        if found.dropped:
+            dropped.append(found.dropped)
+    if dropped:
+        problems.note(
+            f"{path}: {sum(dropped)} mask component(s) under data.masks.min_voxels = {masks.min_voxels} voxels "
+            f"left out as too small to be lesions, in {len(dropped)} scan(s)"
+        )
     return builder.build(problems), class_names
