@@ -81,13 +81,23 @@ def test_sampler_keeps_its_positive_fraction():
     assert int(positives[0].sum()) == 3 and int(negatives[0].sum()) == 61
 
 
-@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_large", "timm/mobilenetv3_small_100", "timm/convnext_atto"])
+@pytest.mark.parametrize(
+    "name", ["resnet18", "regnet_x_400mf", "regnet_y_400mf", "mobilenet_v3_large", "timm/mobilenetv3_small_100", "timm/convnext_atto"]
+)
 def test_backbone_takes_one_channel_and_gives_pyramid(name):
     backbone = build_backbone(BackboneConfig(name=name, fpn_channels=16, in_channels=1))
     features = backbone(torch.zeros(1, 1, 64, 64))
     assert [f.shape[1] for f in features.values()] == [16] * 5
     assert [f.shape[-1] for f in features.values()] == [16, 8, 4, 2, 1]  # strides 4 ... 64
     assert all(p.requires_grad for p in backbone.parameters())  # from scratch: everything trains
+
+
+def test_regnet_stages_are_its_blocks_at_resnet_strides():
+    backbone = build_backbone(BackboneConfig(name="regnet_x_400mf", fpn_channels=16, returned_stages=[2, 3, 4]))
+    assert [f.shape[-1] for f in backbone(torch.zeros(1, 1, 64, 64)).values()] == [8, 4, 2, 1]  # strides 8 ... 64
+    assert [c.in_channels for c in backbone.fpn.inner_blocks.modules() if isinstance(c, torch.nn.Conv2d)] == [64, 160, 400]
+    with pytest.raises(ConfigError, match=r"within 1..4 for RegNets, got \[0, 2\]"):
+        build_backbone(BackboneConfig(name="regnet_x_400mf", returned_stages=[0, 2]))
 
 
 def test_unknown_backbone_is_a_clear_error():
