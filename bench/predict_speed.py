@@ -1,14 +1,15 @@
 """Images per second through `medrpn predict`, from DICOM file to written SR, GSPS, JSON and overlay.
 
     python bench/predict_speed.py [--n-images 200] [--image-size 256] [--ckpt CKPT] [--workers 0 1]
-                                  [--findings-per-image 5]
+                                  [--findings-per-image 5] [--backbone resnet18]
 
 A folder of synthetic DX files (`medrpn.data.synth`) goes through `medrpn.inference.predict.predict_files` once
 per worker setting, into a fresh output folder each time: scan, read + transform in DataLoader
 workers, batched inference with the model loaded once, and per study the overlay PNGs, findings
 JSON, DICOM SR and GSPS. Without ``--ckpt`` the model is the demo architecture (ResNet-18 FPN,
 64 channels, 256 px input) with untrained weights, run at threshold 0 with at most
-``--findings-per-image`` detections per image (default 5), so every image gets that many findings
+``--findings-per-image`` detections per image (default 5; ``--backbone`` swaps the network, e.g.
+regnet_x_400mf as in the brain recipe), so every image gets that many findings
 to write (5 is more work than a trained model at its operating point usually leaves; 1 is nearer
 what a lesion dataset gives). The figure printed is images / wall-clock seconds of the whole call,
 model loading included; the load alone is printed beside it, as is the machine's load. Beside it,
@@ -38,11 +39,11 @@ from medrpn.inference.predict import default_num_workers, load_checkpoint, predi
 from medrpn.training.lightning_module import LesionDetectionModule
 
 
-def _demo_checkpoint(path: Path, image_size: int, findings_per_image: int) -> Path:
+def _demo_checkpoint(path: Path, image_size: int, findings_per_image: int, backbone: str = "resnet18") -> Path:
     torch.manual_seed(0)
     module = LesionDetectionModule(  # the demo recipe's model (configs/demo.yaml)
         class_names=["nodule", "spiculated"],
-        backbone={"name": "resnet18", "fpn_channels": 64},
+        backbone={"name": backbone, "fpn_channels": 64},
         rpn={"pre_nms_top_n_test": 300, "post_nms_top_n_test": 100},
         roi={"detections_per_img": findings_per_image},
     )
@@ -65,6 +66,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--workers", type=int, nargs="+", default=[0, default_num_workers()])
     parser.add_argument("--findings-per-image", type=int, default=5, help="detections per image of the untrained model")
+    parser.add_argument("--backbone", default="resnet18", help="the untrained model's backbone.name (ignored with --ckpt)")
     parser.add_argument("--onnx", action="store_true", help="also export the model (medrpn export) and run predict on it")
     args = parser.parse_args()
 
@@ -72,7 +74,7 @@ def main() -> None:
         tmp = Path(tmp)
         write_synthetic_dataset(tmp / "data", n_images=args.n_images, image_size=args.image_size, seed=0)
         images = tmp / "data" / "images"
-        ckpt = args.ckpt or _demo_checkpoint(tmp / "model.ckpt", args.image_size, args.findings_per_image)
+        ckpt = args.ckpt or _demo_checkpoint(tmp / "model.ckpt", args.image_size, args.findings_per_image, args.backbone)
         threshold = None if args.ckpt else 0.0
 
         start = time.perf_counter()
