@@ -42,7 +42,7 @@ def _save(array: np.ndarray, affine_lps: np.ndarray, path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def ms_like(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict[str, int]]:
+def ms_like(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict[str, int], dict[str, int]]:
     """Three patients named as in the MS data, each FLAIR/T1/T2/T1POST and lesions.nii.gz; with
     each patient's lesions (components of >= 10 voxels) and specks (fewer) counted."""
     root = tmp_path_factory.mktemp("ms_like")

@@ -62,7 +62,8 @@ class BackboneConfig:
         fpn_channels: channels of every pyramid level (torchvision uses 256).
         returned_stages: backbone stages that feed the FPN, 1-based. For ResNets stage k has
             stride 2**(k+1) (1 -> stride 4 ... 4 -> stride 32), and for RegNets block k; for
-            MobileNetV3 the strided blocks are counted the same way. A max-pooled level (stride x2 of the last) is added.
+            MobileNetV3 the strided blocks are counted the same way. A max-pooled level (stride
+            x2 of the last) is added.
         pretrained: load torchvision's (timm's) ImageNet weights (needs them downloaded or cached).
         trainable_stages: with pretrained torchvision weights, how many stages from the top are
             trained (0..5); ignored when training from scratch, where everything is trained, and
