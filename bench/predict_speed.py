@@ -10,8 +10,8 @@ JSON, DICOM SR and GSPS. Without ``--ckpt`` the model is the demo architecture (
 64 channels, 256 px input) with untrained weights, run at threshold 0 with at most
 ``--findings-per-image`` detections per image (default 5; ``--backbone`` swaps the network, e.g.
 regnet_x_400mf), so every image gets that many findings to write (5 is more work than a trained
-model at its operating point usually leaves; 1 is nearer what a lesion dataset gives). The figure printed is images / wall-clock seconds of the whole call,
-model loading included; the load alone is printed beside it, as is the machine's load. Beside it,
+model at its operating point usually leaves; 1 is nearer what a lesion dataset gives). The figure
+printed is images / wall-clock seconds of the whole call, model loading included; the load alone is printed beside it, as is the machine's load. Beside it,
 the model alone: the same images, read and transformed beforehand, through the network in batches
 (``model only``), which is what predict's end-to-end figure would be if reading and writing cost
 nothing.
