@@ -3,18 +3,18 @@
     python bench/predict_speed.py [--n-images 200] [--image-size 256] [--ckpt CKPT] [--workers 0 1]
                                   [--findings-per-image 5] [--backbone resnet18]
 
-A folder of synthetic DX files (`medrpn.data.synth`) goes through `medrpn.inference.predict.predict_files` once
-per worker setting, into a fresh output folder each time: scan, read + transform in DataLoader
-workers, batched inference with the model loaded once, and per study the overlay PNGs, findings
-JSON, DICOM SR and GSPS. Without ``--ckpt`` the model is the demo architecture (ResNet-18 FPN,
-64 channels, 256 px input) with untrained weights, run at threshold 0 with at most
-``--findings-per-image`` detections per image (default 5; ``--backbone`` swaps the network, e.g.
-regnet_x_400mf), so every image gets that many findings to write (5 is more work than a trained
-model at its operating point usually leaves; 1 is nearer what a lesion dataset gives). The figure
-printed is images / wall-clock seconds of the whole call, model loading included; the load alone is printed beside it, as is the machine's load. Beside it,
-the model alone: the same images, read and transformed beforehand, through the network in batches
-(``model only``), which is what predict's end-to-end figure would be if reading and writing cost
-nothing.
+A folder of synthetic DX files (`medrpn.data.synth`) goes through
+`medrpn.inference.predict.predict_files` once per worker setting, into a fresh output folder each
+time: scan, read + transform in DataLoader workers, batched inference with the model loaded once,
+and per study the overlay PNGs, findings JSON, DICOM SR and GSPS. Without ``--ckpt`` the model is
+the demo architecture (ResNet-18 FPN, 64 channels, 256 px input) with untrained weights, run at
+threshold 0 with at most ``--findings-per-image`` detections per image (default 5; ``--backbone``
+swaps the network, e.g. regnet_x_400mf), so every image gets that many findings to write (5 is more
+work than a trained model at its operating point usually leaves; 1 is nearer what a lesion dataset
+gives). The figure printed is images / wall-clock seconds of the whole call, model loading
+included; the load alone is printed beside it, as is the machine's load. Beside it, the model
+alone: the same images, read and transformed beforehand, through the network in batches (``model
+only``), which is what predict's end-to-end figure would be if reading and writing cost nothing.
 """
 
 from __future__ import annotations
