@@ -110,6 +110,14 @@ def _load(constructor: Callable[..., nn.Module], config: BackboneConfig) -> nn.M
         ) from None
 
 
+def _stages(config: BackboneConfig, count: int, family: str) -> list[int]:
+    """`returned_stages` sorted, or a clear error when one is outside the network's 1..count."""
+    stages = sorted(config.returned_stages)
+    if not stages or stages[0] < 1 or stages[-1] > count:
+        raise ConfigError(f"backbone.returned_stages must be within 1..{count} for {family}, got {config.returned_stages}")
+    return stages
+
+
 def _adapt_stem(conv: nn.Conv2d, in_channels: int) -> nn.Conv2d:
     """Returns `conv` taking `in_channels` inputs; pretrained RGB filters are averaged over colour."""
     if conv.in_channels == in_channels:
@@ -123,9 +131,7 @@ def _adapt_stem(conv: nn.Conv2d, in_channels: int) -> nn.Conv2d:
 
 
 def _resnet_fpn(config: BackboneConfig) -> BackboneWithFPN:
-    stages = sorted(config.returned_stages)
-    if not stages or stages[0] < 1 or stages[-1] > 4:
-        raise ConfigError(f"backbone.returned_stages must be within 1..4 for ResNets, got {config.returned_stages}")
+    stages = _stages(config, 4, "ResNets")
     net = _load(_RESNETS[config.name], config)
     net.conv1 = _adapt_stem(net.conv1, config.in_channels)
     if config.pretrained:
@@ -144,9 +150,7 @@ def _resnet_fpn(config: BackboneConfig) -> BackboneWithFPN:
 
 def _regnet_fpn(config: BackboneConfig) -> BackboneWithFPN:
     """A RegNet's stem and four blocks (block k has stride 2**(k+1), as ResNet's layer k) under the FPN."""
-    stages = sorted(config.returned_stages)
-    if not stages or stages[0] < 1 or stages[-1] > 4:
-        raise ConfigError(f"backbone.returned_stages must be within 1..4 for RegNets, got {config.returned_stages}")
+    stages = _stages(config, 4, "RegNets")
     net = _load(_REGNETS[config.name], config)
     net.stem[0] = _adapt_stem(net.stem[0], config.in_channels)
     # One flat module, so torchvision's IntermediateLayerGetter can return its blocks.
@@ -177,9 +181,7 @@ def _mobilenet_fpn(config: BackboneConfig) -> BackboneWithFPN:
     strided = [i for i, block in enumerate(features) if getattr(block, "_is_cn", False)]
     # Stage k ends just before the (k+1)-th strided block; stage 4 ends at the last block.
     ends = [i - 1 for i in strided[1:]] + [len(features) - 1]
-    stages = sorted(config.returned_stages)
-    if not stages or stages[0] < 1 or stages[-1] > len(ends):
-        raise ConfigError(f"backbone.returned_stages must be within 1..{len(ends)} for {config.name}")
+    stages = _stages(config, len(ends), config.name)
     if config.pretrained:
         # Stem = stage 0; freeze everything below the top `trainable_stages` stages.
         frozen_stages = 5 - min(max(config.trainable_stages, 0), 5)
