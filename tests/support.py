@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import locale
 import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -30,3 +33,16 @@ def checkpoint_step(path: Path) -> int | None:
         return torch.load(path, map_location="cpu", weights_only=True)["global_step"]
     except Exception:  # noqa: BLE001 - absent or half-written: look again later
         return None
+
+
+@contextmanager
+def locale_kept() -> Iterator[None]:
+    """Puts the process locale back after SimpleITK's GDCM reads or writes DICOM, which sets it to
+    "C": Python's default text encoding would then be ASCII for the rest of the test process, and
+    a later test decoding a subprocess's UTF-8 output (MLflow prints an emoji) fails, depending on
+    which tests happened to run before it in the same process."""
+    saved = locale.setlocale(locale.LC_ALL)
+    try:
+        yield
+    finally:
+        locale.setlocale(locale.LC_ALL, saved)

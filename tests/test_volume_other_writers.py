@@ -15,21 +15,17 @@ import pytest
 from medrpn.data.annotations import read_annotations
 from medrpn.data.synth_volumes import write_synthetic_volumes
 from medrpn.data.volume_files import read_volume
+from support import locale_kept
 from tests.trained_run import REPO, medrpn
 
 MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
 
 
 def write_gdcm_series(nifti: Path, folder: Path, uid_root: str) -> None:
-    """`nifti` as a DICOM series written by SimpleITK's GDCM writer (16-bit, one file a slice).
-
-    GDCM sets the process locale to "C" (found here: Python's default encoding then reads ASCII,
-    and later tests decoding UTF-8 output failed), so the locale is put back afterwards."""
-    saved = locale.setlocale(locale.LC_ALL)
-    try:
+    """`nifti` as a DICOM series written by SimpleITK's GDCM writer (16-bit, one file a slice),
+    the process locale put back afterwards (GDCM sets it to "C": `support.locale_kept`)."""
+    with locale_kept():
         _write_gdcm_series(nifti, folder, uid_root)
-    finally:
-        locale.setlocale(locale.LC_ALL, saved)
 
 
 def _write_gdcm_series(nifti: Path, folder: Path, uid_root: str) -> None:

@@ -15,6 +15,7 @@ from medrpn.data.dicom_series import find_series, read_dicom_series
 from medrpn.data.volume import reorient_boxes
 from medrpn.data.volume_files import read_volume, read_volume_geometry
 from medrpn.errors import DataError
+from support import locale_kept
 
 import SimpleITK as sitk  # noqa: E402 (a dependency: another tool writes the test files)
 
@@ -66,7 +67,8 @@ def write_series(image, folder: Path, series_uid: str = "1.2.826.0.1.3680043.8.4
             slice_.SetMetaData(tag, value)
         path = folder / f"slice{k:03d}.dcm"
         writer.SetFileName(str(path))
-        writer.Execute(slice_)
+        with locale_kept():
+            writer.Execute(slice_)
         paths.append(path)
     return paths
 
@@ -118,8 +120,9 @@ def test_a_dicom_series_written_by_simpleitk_matches_simpleitks_own_reading(tmp_
     assert read_volume_geometry(tmp_path / "series").affine.tolist() == volume.affine.tolist()
 
     reader = sitk.ImageSeriesReader()  # SimpleITK's own reading of the same files, into LPS by medrpn's rule
-    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(tmp_path / "series")))
-    theirs = reader.Execute()
+    with locale_kept():
+        reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(tmp_path / "series")))
+        theirs = reader.Execute()
     theirs_path = tmp_path / "theirs.mhd"
     sitk.WriteImage(theirs, str(theirs_path))
     assert np.array_equal(read_volume(theirs_path).array, volume.array)
