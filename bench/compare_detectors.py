@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     from medrpn.data.problems import Problems
 
     config = args.config if args.config.exists() or args.config.is_absolute() else REPO / args.config
-    recipe = yaml.safe_load(config.read_text())
+    recipe = yaml.safe_load(config.read_text(encoding="utf-8"))
     data_settings = recipe.get("data") or {}
     image_size = args.image_size or int(data_settings.get("image_size", 256))
     batch_size = args.batch_size or int(data_settings.get("batch_size", 8))

@@ -49,20 +49,20 @@ def write_dataset(data: Path, out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     csv = out / "masks.csv"
     rows = [f"{(data / p / 'FLAIR.nii.gz').resolve()},{(data / p / 'lesions.nii.gz').resolve()},{p}" for p in PATIENTS]
-    csv.write_text("image,mask,patient_id\n" + "\n".join(rows) + "\n")
+    csv.write_text("image,mask,patient_id\n" + "\n".join(rows) + "\n", encoding="utf-8")
     for k, held in enumerate(PATIENTS):
         flair = lambda p: str((data / p / "FLAIR.nii.gz").resolve())
         split = {"train": [flair(p) for p in PATIENTS if p != held], "val": [], "test": [flair(held)]}
-        (out / f"fold{k}.json").write_text(json.dumps(split, indent=1))
+        (out / f"fold{k}.json").write_text(json.dumps(split, indent=1), encoding="utf-8")
     return csv
 
 
 def run(cmd: list[str], log: Path) -> tuple[float, str]:
     """Runs a medrpn command, its output to `log`; returns the seconds it took and its output."""
     start = time.monotonic()
-    with log.open("w") as stream:
+    with log.open("w", encoding="utf-8") as stream:
         done = subprocess.run(cmd, check=False, stdout=stream, stderr=subprocess.STDOUT, cwd=log.parent)
-    text = log.read_text(errors="replace")
+    text = log.read_text(errors="replace", encoding="utf-8")
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed (rc {done.returncode}); its output: {log}\n{text[-3000:]}")
     return time.monotonic() - start, text
@@ -104,7 +104,7 @@ def main() -> None:
         seconds, _ = run([sys.executable, "-m", "medrpn", "predict", "--ckpt", str(ckpt),
                           "--input", str(args.data / held / "FLAIR.nii.gz"), "--output", str(predictions),
                           "--score-threshold", "0.01", "--overwrite"], fold / "predict.log")
-        report = json.loads(next(predictions.rglob("findings.json")).read_text())
+        report = json.loads(next(predictions.rglob("findings.json")).read_text(encoding="utf-8"))
         findings = report["findings"]
         boxes = torch.tensor([f["box_voxels"] for f in findings], dtype=torch.float32).reshape(-1, 6)
         scores = torch.tensor([f["score"] for f in findings], dtype=torch.float32)

@@ -136,7 +136,7 @@ class FitClock(Callback):
             "run_id": logger.run_id if logger is not None else None,
         }
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.write_text(json.dumps(record, indent=2))
+        self.path.write_text(json.dumps(record, indent=2), encoding="utf-8")
         if logger is not None and rate is not None:
             logger.log_metrics({"ablation/train_images_per_s": rate, "ablation/train_seconds": self.seconds}, step=trainer.global_step)
 
@@ -427,7 +427,7 @@ def run_medrpn(config_path: Path, log_path: Path, threads: int | None, *extra: s
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     wall = time.perf_counter() - start
-    log_path.write_text(result.stdout)
+    log_path.write_text(result.stdout, encoding="utf-8")
     return result.returncode, result.stdout, wall
 
 
@@ -454,11 +454,11 @@ def measure_variant(
             shutil.rmtree(work)  # this variant's files from an earlier call: checkpoints must be this run's
         work.mkdir(parents=True)
         config_path = work / "config.yaml"
-        config_path.write_text(yaml.safe_dump(config, sort_keys=False, default_flow_style=None))
+        config_path.write_text(yaml.safe_dump(config, sort_keys=False, default_flow_style=None), encoding="utf-8")
         tracking_uri = f"sqlite:///{(out / 'mlruns.db').resolve()}"
         baseline_clock = out / "baseline" / "fit_clock.json"
         if name != "baseline" and trains_like_baseline(recipe, overrides) and baseline_clock.exists():
-            clock = json.loads(baseline_clock.read_text())
+            clock = json.loads(baseline_clock.read_text(encoding="utf-8"))
             row["changed"] += "; the baseline's weights, re-evaluated (RPN-only training never uses proposals)"
             row["weights_from"] = "baseline"
             print(f"rpn_ablation: {name}: {row['changed']}", flush=True)
@@ -474,7 +474,7 @@ def measure_variant(
             code, output, row["fit_wall_s"] = run_medrpn(config_path, work / "fit.log", threads)
             if code != 0:
                 raise RuntimeError(f"medrpn fit exited with status {code} (log: {work / 'fit.log'}):\n{_tail(output)}")
-            clock = json.loads((work / "fit_clock.json").read_text())
+            clock = json.loads((work / "fit_clock.json").read_text(encoding="utf-8"))
             run_id = clock["run_id"]
             evaluated = Path(clock["best_checkpoint"]) if clock["best_checkpoint"] else None
         row.update(
@@ -555,14 +555,14 @@ def write_results(out: Path, meta: dict[str, Any], rows: list[dict[str, Any]]) -
         ("ablation.md", markdown(meta, rows)),
     ):
         tmp = out / f".{name}.tmp"
-        tmp.write_text(text)
+        tmp.write_text(text, encoding="utf-8")
         tmp.replace(out / name)
 
 
 def earlier_rows(out: Path, meta: dict[str, Any]) -> list[dict[str, Any]]:
     """Rows of an earlier call into `out` made with the same recipe, epochs and settings (others are not comparable)."""
     try:
-        earlier = json.loads((out / "ablation.json").read_text())
+        earlier = json.loads((out / "ablation.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return []
     keys = ("recipe", "epochs", "set")
@@ -631,7 +631,7 @@ def main(argv: list[str] | None = None) -> None:
     for name in names:
         measured.append(measure_variant(name, recipe, args.out, epochs, args.threads, boxes))
         merge_into_results(args.out, meta, measured)
-    print((args.out / "ablation.md").read_text())
+    print((args.out / "ablation.md").read_text(encoding="utf-8"))
     failed = [r["variant"] for r in measured if r.get("error")]
     if failed:
         print(f"rpn_ablation: {len(failed)} variant(s) failed: {', '.join(failed)} (see {args.out / 'ablation.md'})")

@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from medrpn.data.datamodule import LesionDataModule
 
-    recipe = yaml.safe_load(args.config.read_text())
+    recipe = yaml.safe_load(args.config.read_text(encoding="utf-8"))
     data = dict(recipe["data"])
     if args.data is not None:
         data["annotations"] = str(args.data)

@@ -88,7 +88,7 @@ class ChannelsLast(Callback):
 
 
 def module_from_recipe(path: Path) -> LesionDetectionModule:
-    model = dict(yaml.safe_load(path.read_text()).get("model") or {})
+    model = dict(yaml.safe_load(path.read_text(encoding="utf-8")).get("model") or {})
     if model.get("anchors") == "auto":
         model.pop("anchors")
     return LesionDetectionModule(class_names=["a", "b"], **model)
@@ -190,7 +190,7 @@ def main() -> None:
     if base:
         print("relative to fp32: " + ", ".join(f"{r['option']} x{r['images_per_s'] / base['images_per_s']:.2f}" for r in results))
     if args.json:
-        args.json.write_text(json.dumps({"device": device, "results": results}, indent=2))
+        args.json.write_text(json.dumps({"device": device, "results": results}, indent=2), encoding="utf-8")
 
 
 def _print(result: dict) -> None:

@@ -20,7 +20,7 @@ from medrpn.model import AnchorConfig, BackboneConfig, DetectorConfig, RoIConfig
 
 
 def detector_from_recipe(path: Path, num_classes: int = 2) -> tuple[torch.nn.Module, int, int]:
-    recipe = yaml.safe_load(path.read_text())
+    recipe = yaml.safe_load(path.read_text(encoding="utf-8"))
     model, data = recipe.get("model", {}), recipe.get("data", {})
     config = DetectorConfig(
         num_classes=num_classes,

@@ -3,6 +3,9 @@ defaults reach the same data module (check-data, plan, evaluate, fit-crops: `med
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -52,3 +55,23 @@ def test_check_data_checks_the_data_an_override_names(tmp_path, capsys):
         out = capsys.readouterr().out
         assert f"annotations   {tmp_path / folder / 'annotations.csv'}" in out
         assert f"images        found {n}, readable {n}" in out
+
+
+def test_a_config_in_utf8_reads_the_same_where_the_locale_is_ascii(tmp_path):
+    """medrpn's own text files (configs, reports, splits, findings) are UTF-8 whatever the locale:
+    on a machine whose locale encoding is ASCII or cp1252 (or after a library such as GDCM has set
+    the process locale to "C"), Python's default would misread or refuse a class name like this."""
+    config = tmp_path / "läsionen.yaml"
+    config.write_text("# Läsionen ≥ 3 mm\ndata:\n  class_names: [Läsion, Knötchen]\n", encoding="utf-8")
+    script = (
+        "import locale, sys\n"
+        "from medrpn.commands.config_parser import read_yaml\n"
+        "print(locale.getpreferredencoding(False))\n"
+        "print(read_yaml(sys.argv[1])['data']['class_names'] == ['L\\u00e4sion', 'Kn\\u00f6tchen'])\n"
+    )
+    env = {**os.environ, "PYTHONUTF8": "0", "LC_ALL": "C", "PYTHONIOENCODING": "utf-8"}
+    result = subprocess.run([sys.executable, "-c", script, str(config)], capture_output=True, text=True, encoding="utf-8", env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    encoding, same = result.stdout.split()
+    assert encoding.lower() in ("ansi_x3.4-1968", "ascii", "us-ascii")  # the premise: an ASCII locale
+    assert same == "True"

@@ -112,6 +112,6 @@ def write_reports(out: Path, run: dict[str, Any], results: list[dict[str, Any]])
     out.mkdir(parents=True, exist_ok=True)
     data = {**run, "results": results, "ratios_to_medrpn": ratios(results)}
     json_path, md_path = out / "results.json", out / "results.md"
-    json_path.write_text(json.dumps(data, indent=1, default=str) + "\n")
-    md_path.write_text(markdown(run, results))
+    json_path.write_text(json.dumps(data, indent=1, default=str) + "\n", encoding="utf-8")
+    md_path.write_text(markdown(run, results), encoding="utf-8")
     return json_path, md_path

@@ -83,7 +83,7 @@ def run_system(job: Job) -> dict[str, Any]:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     log = lambda text: print(f"[{job.system}] {text}", flush=True)  # noqa: E731
-    recipe = yaml.safe_load(Path(job.config).read_text())
+    recipe = yaml.safe_load(Path(job.config).read_text(encoding="utf-8"))
     t0 = time.perf_counter()
     dm = build_datamodule(recipe, Path(job.data), Path(job.split_file), job.image_size, job.batch_size, job.num_workers)
     dm.check_images()
@@ -161,7 +161,7 @@ def _child(job: Job, result_path: str) -> None:
     except BaseException as error:  # noqa: BLE001 - reported to the parent, which goes on with the next system
         traceback.print_exc()
         result = {"system": job.system, "error": f"{type(error).__name__}: {error}"}
-    Path(result_path).write_text(json.dumps(result, indent=1, default=str))
+    Path(result_path).write_text(json.dumps(result, indent=1, default=str), encoding="utf-8")
 
 
 def run_in_process(job: Job, result_path: Path) -> dict[str, Any]:
@@ -174,7 +174,7 @@ def run_in_process(job: Job, result_path: Path) -> dict[str, Any]:
     process.join()
     seconds = round(time.perf_counter() - start, 1)
     if result_path.exists():
-        result = json.loads(result_path.read_text())
+        result = json.loads(result_path.read_text(encoding="utf-8"))
         result_path.unlink()
         return {**result, "process_seconds": seconds}
     return {

@@ -51,7 +51,8 @@ def write_yolo_dataset(split: dict[str, list[Any]], class_names: list[str], fold
                 (labels / f"{stem}.txt").symlink_to(label)
     data_yaml = folder / "data.yaml"
     data_yaml.write_text(
-        yaml.safe_dump({"path": str(folder.resolve()), "train": "images/train", "val": "images/val", "names": dict(enumerate(class_names))})
+        yaml.safe_dump({"path": str(folder.resolve()), "train": "images/train", "val": "images/val", "names": dict(enumerate(class_names))}),
+        encoding="utf-8",
     )
     return data_yaml
 

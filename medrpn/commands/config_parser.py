@@ -90,7 +90,7 @@ def read_yaml(path: Path) -> Any:
     """The YAML of a config file as it is written (no defaults, no checks), for tools that edit and
     write configs; a clear `ConfigError` when it is missing or not YAML."""
     try:
-        return yaml.safe_load(Path(path).read_text())
+        return yaml.safe_load(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
     except yaml.YAMLError as e:

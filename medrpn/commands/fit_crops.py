@@ -191,7 +191,7 @@ def _log_results(logger: MLflowLogger, path: Path, alone: EvaluationReport | Non
         if alone is not None and with_stage is not None:
             logger.log_metrics({f"val/detector/{k}": float(v) for k, v in alone.scalars.items() if v == v})
             logger.log_metrics({f"val/second_stage/{k}": float(v) for k, v in with_stage.scalars.items() if v == v})
-            (Path(tmp) / "validation.txt").write_text(comparison_table(alone, with_stage) + "\n")
+            (Path(tmp) / "validation.txt").write_text(comparison_table(alone, with_stage) + "\n", encoding="utf-8")
         logger.log_artifacts(tmp, "second_stage")
 
 

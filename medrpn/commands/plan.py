@@ -228,7 +228,7 @@ def main(argv: list[str]) -> None:
     print(f"plan          model.anchors: {planned}")
     if args.output is not None:
         try:
-            args.output.write_text(planned_config(plan.anchors, source))
+            args.output.write_text(planned_config(plan.anchors, source), encoding="utf-8")
         except OSError as e:
             raise ConfigError(f"{args.output}: cannot write the planned config ({e.strerror})") from None
         print(f"wrote         {args.output}: train with it given after your config, "

@@ -96,7 +96,7 @@ def run(config: dict[str, Any], budget: int, source: str, output: Path | None) -
         text = (f"# 3D anchors planned by `medrpn plan` from the training boxes of {source}\n"
                 + yaml.safe_dump({"model": {"volume": {"anchors": anchors}}}, sort_keys=False, default_flow_style=None))
         try:
-            output.write_text(text)
+            output.write_text(text, encoding="utf-8")
         except OSError as e:
             raise ConfigError(f"{output}: cannot write the planned config ({e.strerror})") from None
         print(f"wrote         {output}: train with it given after your config, e.g. medrpn fit --config {source.split(', ')[-1]} --config {output}")

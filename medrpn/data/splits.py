@@ -257,7 +257,7 @@ def write_split_file(path: str | Path, splits: Mapping[str, Sequence[Record | st
         return name if frame is None else f"{name}#{frame}"
 
     data = {name: [entry(item) for item in splits.get(name, [])] for name in SPLITS}
-    path.write_text(json.dumps(data, indent=1) + "\n")
+    path.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
     return path
 
 

@@ -139,8 +139,8 @@ def write_synthetic_dataset(
 
     coco_path, csv_path = out / "annotations.json", out / "annotations.csv"
     categories = [{"id": i + 1, "name": name} for i, name in enumerate(CLASS_NAMES)]
-    coco_path.write_text(json.dumps({"images": coco_images, "annotations": coco_anns, "categories": categories}))
-    with csv_path.open("w", newline="") as fh:
+    coco_path.write_text(json.dumps({"images": coco_images, "annotations": coco_anns, "categories": categories}), encoding="utf-8")
+    with csv_path.open("w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
         writer.writerow(["image", "x1", "y1", "x2", "y2", "label", "patient_id"])
         writer.writerows(csv_rows)

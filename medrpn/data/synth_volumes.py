@@ -101,11 +101,11 @@ def write_synthetic_volumes(
         for box, label in zip(found.boxes.astype(int).tolist(), found.labels.tolist()):
             boxes_rows.append([image, *box, CLASSES[label], patient])
             counts[CLASSES[label]] += 1
-    with open(out / "annotations.csv", "w", newline="") as f:
+    with open(out / "annotations.csv", "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(["image", "x1", "y1", "z1", "x2", "y2", "z2", "label", "patient_id"])
         writer.writerows(boxes_rows)
-    with open(out / "masks.csv", "w", newline="") as f:
+    with open(out / "masks.csv", "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(["image", "mask", "patient_id"])
         writer.writerows(mask_rows)

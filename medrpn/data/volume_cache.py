@@ -68,7 +68,7 @@ class VolumeDiskCache:
         if not array_path.is_file() or not info_path.is_file():
             return None
         try:
-            info = json.loads(info_path.read_text())
+            info = json.loads(info_path.read_text(encoding="utf-8"))
             channels = np.load(array_path, mmap_mode="c")
             return channels, tuple(float(v) for v in info["spacing"]), np.asarray(info["zoom"], dtype=float)
         except (OSError, ValueError, KeyError, json.JSONDecodeError):

@@ -408,7 +408,7 @@ def _written_for_another(folder: Path, group: InputGroup) -> bool:
     """Whether ``folder`` holds a findings.json of another study (or of images of no study, when
     ``group`` is a study): its outputs are not this group's to keep or replace."""
     try:
-        document = json.loads((folder / FINDINGS_NAME).read_text())
+        document = json.loads((folder / FINDINGS_NAME).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
     return (

@@ -102,7 +102,7 @@ def _common_parts(paths: list[tuple[str, ...]]) -> tuple[str, ...]:
 def _written_for_another(folder: Path, source: str) -> bool:
     """Whether `folder` holds the findings of another scan (an earlier run's, of the same folder name)."""
     try:
-        return json.loads((folder / FINDINGS_NAME).read_text())["scan"]["source"] != source
+        return json.loads((folder / FINDINGS_NAME).read_text(encoding="utf-8"))["scan"]["source"] != source
     except (OSError, ValueError, KeyError, TypeError):
         return False  # none there, or not a findings file of ours: this scan's to write
 

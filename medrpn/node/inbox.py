@@ -80,7 +80,7 @@ class Inbox:
             if not images:
                 continue
             marker = folder / ANALYSED
-            results = Path(marker.read_text().strip()) if marker.is_file() else None
+            results = Path(marker.read_text(encoding="utf-8").strip()) if marker.is_file() else None
             found.append(QueuedStudy(folder, max(p.stat().st_mtime for p in images), results))
         return sorted(found, key=lambda s: s.last_received)
 
@@ -94,7 +94,7 @@ class Inbox:
         newest = max(p.stat().st_mtime for p in study.folder.glob("*.dcm"))
         if newest > study.last_received:
             return study  # an image arrived during the analysis: analyse again, with it
-        (study.folder / ANALYSED).write_text(str(results))
+        (study.folder / ANALYSED).write_text(str(results), encoding="utf-8")
         return QueuedStudy(study.folder, study.last_received, results)
 
     def remove(self, study: QueuedStudy, keep_in: Path | None = None) -> bool:

@@ -205,7 +205,7 @@ class StudyOutputs:
 def _listed_outputs(path: Path) -> set[str]:
     """File names (in the same folder) that a previous run's findings.json lists; empty if none."""
     try:
-        document = json.loads(path.read_text())
+        document = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return set()
     names = set()

@@ -71,7 +71,7 @@ class ReviewSession:
         self.images: dict[str, ReviewedImage] = {}
         self._below: list[Path] | None = None  # files under inputs, listed once when needed
         for path in files:
-            document = json.loads(path.read_text())
+            document = json.loads(path.read_text(encoding="utf-8"))
             folder = path.parent.relative_to(self.root).as_posix()
             self.studies.append({"folder": folder, "document": document})
             for index, entry in enumerate(document.get("images") or []):
@@ -87,7 +87,7 @@ class ReviewSession:
         self._windows: dict[str, list[float]] = {}
         self._decoded: OrderedDict[str, tuple[np.ndarray, pydicom.Dataset | None]] = OrderedDict()
         marks_file = self.folder / "marks.json"
-        self.marks: dict[str, dict[str, Any]] = json.loads(marks_file.read_text()) if marks_file.is_file() else {}
+        self.marks: dict[str, dict[str, Any]] = json.loads(marks_file.read_text(encoding="utf-8")) if marks_file.is_file() else {}
 
     def _find_source(self, source: str) -> Path | None:
         """``inputs/source``; else the one file below ``inputs`` whose path ends with ``source``

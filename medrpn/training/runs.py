@@ -67,8 +67,8 @@ def client_for(uri: str, create: bool = False) -> MlflowClient:
 def write_report_files(report: EvaluationReport, folder: Path, title: str) -> list[Path]:
     """The report's table, JSON and three plots, written into ``folder``."""
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "metrics.txt").write_text(report.to_table() + "\n")
-    (folder / "report.json").write_text(report.to_json())
+    (folder / "metrics.txt").write_text(report.to_table() + "\n", encoding="utf-8")
+    (folder / "report.json").write_text(report.to_json(), encoding="utf-8")
     return [
         folder / "metrics.txt",
         folder / "report.json",

@@ -338,7 +338,7 @@ def sync_outbox(path: str | Path, tracking_uri: str | None = None) -> dict[str, 
 def _read_entries(path: Path) -> list[dict[str, Any]]:
     """The entries of an outbox file; a broken line is skipped, named on stderr."""
     entries = []
-    for number, line in enumerate(path.read_text(errors="replace").splitlines(), start=1):
+    for number, line in enumerate(path.read_text(errors="replace", encoding="utf-8").splitlines(), start=1):
         if not line.strip():
             continue
         try:
