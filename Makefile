@@ -34,15 +34,24 @@ demo-volumes: setup
 	$(BIN)/medrpn evaluate --ckpt demo/volume_checkpoints/best.ckpt
 	$(BIN)/medrpn predict --ckpt demo/volume_checkpoints/best.ckpt --input demo/new_volumes/volumes --output demo/volume_findings --overwrite
 
+# The tests run in parallel processes (pytest-xdist), one per logical CPU up to TEST_PROCESSES_MAX,
+# each taking whole test files, so a module's fixtures (a trained checkpoint, a synthetic dataset)
+# are made once. Much of the suite waits on subprocesses, servers and files rather than computing:
+# CI's run with one process had grown to 34 minutes (docs/performance.md has the figures).
+# `make test TEST_PROCESSES=0` runs it in one process.
+TEST_PROCESSES ?= logical
+TEST_PROCESSES_MAX ?= 4
+PYTEST_PARALLEL = -n $(TEST_PROCESSES) --maxprocesses $(TEST_PROCESSES_MAX) --dist loadfile
+
 test: setup conformance-tools
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q $(PYTEST_PARALLEL)
 
 # The same tests on the lowest versions pyproject.toml allows (.ci/lowest.txt), in a venv of their
 # own: the floors are tested, not guessed. LOWEST_TESTS picks the tests (default: all).
 LOWEST_VENV ?= .venv-lowest
 LOWEST_TESTS ?=
 test-lowest: $(LOWEST_VENV)/.installed conformance-tools
-	NO_ALBUMENTATIONS_UPDATE=1 $(LOWEST_VENV)/bin/python -m pytest -q $(LOWEST_TESTS)
+	NO_ALBUMENTATIONS_UPDATE=1 $(LOWEST_VENV)/bin/python -m pytest -q $(PYTEST_PARALLEL) $(LOWEST_TESTS)
 
 # The floors venv starts as a hard-linked copy of the dev venv's packages (no second copy of
 # torch's 5.5 GB of CUDA libraries on disk: CI ran out of space installing it), then pip moves every
