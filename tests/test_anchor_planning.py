@@ -201,6 +201,8 @@ def test_the_training_boxes_come_also_at_the_augmentations_smallest_and_largest_
         copy = found.boxes[i * n : (i + 1) * n]
         np.testing.assert_allclose(copy, zoomed(found.in_split, zoom, 64))
         assert copy.min() >= 0 and copy.max() <= 64  # cut at the border, as augmentation cuts them
+    config["data"]["augment"] = {"scale": [0.8, 1.25], "mosaic": 0.5, "mosaic_scale": [0.5, 1.6]}
+    assert training_boxes(config["data"]).zooms == (0.4, 2.0)  # mosaic's zoom on top of the affine step's
     config["data"]["augment"] = {"affine": 0.0}  # no zoom in training: nothing added
     found = training_boxes(config["data"])
     assert found.zooms == () and len(found.boxes) == found.split_boxes == n

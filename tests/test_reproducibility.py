@@ -21,7 +21,8 @@ def _fit(data: Path, cwd: Path, seed: int) -> dict[str, float]:
          "--seed_everything", str(seed), "--data.annotations", str(data / "annotations.csv"),
          "--data.image_size", "128", "--data.num_workers", "2", "--data.val_fraction", "0.25",
          "--data.test_fraction", "0", "--model.backbone.fpn_channels", "32", "--trainer.max_epochs", "1",
-         "--trainer.limit_train_batches", "3", "--trainer.enable_progress_bar", "false"],
+         "--trainer.limit_train_batches", "3", "--trainer.enable_progress_bar", "false",
+         "--data.augment.mosaic", "0.5"],  # mosaic's partner images are drawn at random too
         cwd=cwd, env={**os.environ, "PYTHONUNBUFFERED": "1"}, capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
@@ -35,6 +36,6 @@ def test_same_seed_gives_identical_metrics_and_another_seed_does_not(tmp_path):
     first = _fit(tmp_path / "data", tmp_path / "a", seed=7)
     second = _fit(tmp_path / "data", tmp_path / "b", seed=7)
     assert "train/loss_epoch" in first and "val/cpm" in first
-    assert first == second  # augmentation in worker processes included
+    assert first == second  # augmentation in worker processes included, mosaic's draws too
     other = _fit(tmp_path / "data", tmp_path / "c", seed=8)
     assert other["train/loss_epoch"] != first["train/loss_epoch"]

@@ -63,10 +63,16 @@ class TrainingBoxes:
 
 
 def augmentation_zooms(augment: AugmentConfig) -> tuple[float, ...]:
-    """The extreme zoom factors of the training augmentation other than 1 (none when its affine step is off)."""
-    if augment.affine <= 0:
+    """The extreme zoom factors of the training augmentation other than 1 (none when it does not zoom).
+
+    Its affine step and its mosaic each zoom by a factor in a range; both together, by the product.
+    """
+    ranges = [r for r, p in ((augment.scale, augment.affine), (augment.mosaic_scale, augment.mosaic)) if p > 0]
+    if not ranges:
         return ()
-    return tuple(sorted({float(min(augment.scale)), float(max(augment.scale))} - {1.0}))
+    low = float(np.prod([min(r) for r in ranges]))
+    high = float(np.prod([max(r) for r in ranges]))
+    return tuple(sorted({low, high} - {1.0}))
 
 
 def zoomed(boxes: np.ndarray, factor: float, image_size: int) -> np.ndarray:

@@ -38,7 +38,7 @@ from medrpn.data.problems import Problems
 from medrpn.data.records import Record
 from medrpn.data.sampling import WeightedEpochSampler, check_sampler, sampling_weights
 from medrpn.data.splits import SPLITS, SplitConfig, group_keys, kfold_by_patient, read_split_file, split_by_patient
-from medrpn.data.transforms import AugmentConfig, build_transform
+from medrpn.data.transforms import MOSAIC_PARTNERS, AugmentConfig, build_transform
 from medrpn.data.resampling import check_target_spacing
 from medrpn.data.volume_cache import VolumeDiskCache
 from medrpn.data.volume_loading import EpochPatchSampler, PatchConfig, TrainingPatches, VolumeStore, WholeVolumes
@@ -287,7 +287,10 @@ class LesionDataModule(L.LightningDataModule):
     def dataset(self, split: str) -> DetectionDataset:
         """The dataset of one split ("train", "val" or "test")."""
         augment = self.augment if split == "train" else None
-        return DetectionDataset(self.splits[split], build_transform(self.image_size, augment), self.image_size, self.images)
+        partners = MOSAIC_PARTNERS if augment is not None and augment.mosaic > 0 else 0
+        return DetectionDataset(
+            self.splits[split], build_transform(self.image_size, augment), self.image_size, self.images, partners
+        )
 
     def _volume_loader(self, split: str) -> DataLoader:
         """Patches for training; whole scans, one per batch, for evaluation."""

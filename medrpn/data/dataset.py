@@ -20,10 +20,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from medrpn.data.cache import CacheConfig, ImageCache
+from medrpn.data.cache import CacheConfig, ImageCache, Prepared
 from medrpn.data.io import ReadConfig
 from medrpn.data.records import Record
-from medrpn.data.transforms import fit_scale
+from medrpn.data.transforms import MOSAIC_KEY, fit_scale
 from medrpn.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -40,6 +40,9 @@ class DetectionDataset(Dataset):
         image_size: the side of the transform's output (to compute the resize factor).
         images: where prepared images come from; by default every file is read on access
             with the default `ReadConfig`.
+        mosaic_partners: how many other records, drawn at random, go to the transform with each
+            item for its mosaic (`medrpn.data.transforms.MOSAIC_KEY`); 0 when it makes none.
+            An unreadable partner is reported and left out (the mosaic repeats the item instead).
     """
 
     def __init__(
@@ -48,13 +51,16 @@ class DetectionDataset(Dataset):
         transform: A.Compose,
         image_size: int,
         images: ImageCache | None = None,
+        mosaic_partners: int = 0,
     ) -> None:
         self.records = list(records)
         self.transform = transform
         self.image_size = image_size
         self.images = images or ImageCache(CacheConfig(mode="none"), ReadConfig(), image_size)
+        self.mosaic_partners = mosaic_partners
         self._reported: set[str] = set()
         self._seeded_in: int | None = None
+        self._rng = np.random.default_rng(0)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -74,16 +80,37 @@ class DetectionDataset(Dataset):
         worker id). The same seed then gives the same augmentations, and workers differ."""
         pid = os.getpid()
         if self._seeded_in != pid:
-            self.transform.set_random_seed(torch.initial_seed() % 2**32)
+            seed = torch.initial_seed() % 2**32
+            self.transform.set_random_seed(seed)
+            self._rng = np.random.default_rng(seed)  # mosaic partners
             self._seeded_in = pid
 
-    def _sample(self, record: Record) -> dict[str, Any]:
+    def _fitted(self, record: Record) -> tuple[Prepared, dict[str, Any]]:
+        """The record's prepared image, and the transform's input: its pixels, boxes and labels at the fitted size."""
         prepared = self.images.get(record)
         height, width = prepared.original_size
         fitted_h, fitted_w = prepared.array.shape[:2]
         boxes = np.clip(record.boxes, 0, [width, height, width, height])
         boxes = boxes * np.array([fitted_w / width, fitted_h / height] * 2, dtype=np.float32)
-        out = self.transform(image=prepared.array, bboxes=boxes, labels=record.labels)
+        return prepared, {"image": prepared.array, "bboxes": boxes, "labels": record.labels}
+
+    def _partners(self) -> list[dict[str, Any]]:
+        """The transform's inputs of `mosaic_partners` records drawn at random (unreadable ones reported and left out)."""
+        partners = []
+        for index in self._rng.integers(len(self.records), size=self.mosaic_partners):
+            record = self.records[index]
+            try:
+                partners.append(self._fitted(record)[1])
+            except DataError as error:
+                self._report(record.key, error.path, error.reason)
+        return partners
+
+    def _sample(self, record: Record) -> dict[str, Any]:
+        prepared, inputs = self._fitted(record)
+        if self.mosaic_partners:
+            inputs[MOSAIC_KEY] = self._partners()
+        out = self.transform(**inputs)
+        height, width = prepared.original_size
         pixels = np.asarray(out["image"], dtype=np.float32)
         return {
             "image": torch.from_numpy(pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1).copy()),
