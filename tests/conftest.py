@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 
-import pytest
 import torch
+
+
+def pytest_configure(config) -> None:
+    """One torch thread in each test process and in every process a test starts (OMP_NUM_THREADS
+    is inherited: `medrpn fit` subprocesses, DDP ranks, the bench's trainers). The tests run in one
+    process per core (the Makefile's PYTEST_PARALLEL), so a second thread only waits for a core that
+    the other test process holds: small convolutions ran up to 40x slower that way (a 2.8 s training
+    test took 68 s in the full suite). One thread also gives the same arithmetic on every machine."""
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 
 def pytest_terminal_summary(terminalreporter) -> None:
@@ -17,15 +27,3 @@ def pytest_terminal_summary(terminalreporter) -> None:
             yellow=True,
             bold=True,
         )
-
-
-@pytest.fixture(scope="module")
-def one_torch_thread():
-    """torch on one thread for a module, put back afterwards: the same arithmetic (so the same
-    training runs) on every machine, and small convolutions on a CPU that other processes share
-    run far faster (here 40x: the second thread mostly waits for a core). A module opts in with
-    `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)

@@ -25,7 +25,6 @@ def _batch() -> tuple[torch.Tensor, list[dict[str, torch.Tensor]]]:
     return images, targets
 
 
-@pytest.mark.usefixtures("one_torch_thread")
 def test_the_3d_detector_learns_where_and_what_two_lesions_are():
     torch.manual_seed(0)
     model = build_detector_3d(Detector3DConfig(num_classes=2))

@@ -11,7 +11,6 @@ from medrpn.model import AnchorConfig, BackboneConfig, DetectorConfig, RoIConfig
 from medrpn.model.flip_proposals import flip_images, merge_proposals, unflip_boxes
 
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def detector(test_flips: list[str], rpn_only: bool = False) -> torch.nn.Module:

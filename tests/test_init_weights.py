@@ -20,7 +20,6 @@ from medrpn.data.synth import CLASS_NAMES, write_synthetic_dataset
 from medrpn.training.lightning_module import LesionDetectionModule
 from support import SIZE, TINY
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 TINY = {**TINY, "bootstrap_samples": 10}
 FROZEN = {"lr": 0.0, "warmup_steps": 0}

@@ -22,7 +22,6 @@ from medrpn.model.rpn_losses import focal_losses, object_logit, quality_focal_lo
 BOX = torch.tensor([[24.0, 20.0, 40.0, 36.0]])
 
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_detector(anchors: AnchorConfig | None = None, **rpn) -> torch.nn.Module:

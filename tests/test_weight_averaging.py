@@ -19,7 +19,6 @@ from medrpn.training.lightning_module import LesionDetectionModule
 from medrpn.training.weight_averaging import ModelEMA, ramped_decay
 from support import SIZE, TINY
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 TINY = {**TINY, "bootstrap_samples": 10, "optim": {"lr": 0.01, "warmup_steps": 0}}  # large steps: the average and the weights part at once
 
