@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import locale
+import multiprocessing
+import os
+import runpy
 import socket
-from collections.abc import Iterator
+import subprocess
+import tempfile
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -46,3 +51,36 @@ def locale_kept() -> Iterator[None]:
         yield
     finally:
         locale.setlocale(locale.LC_ALL, saved)
+
+
+# What every `medrpn` command imports; the fork server imports it once (the first command waits).
+_PRELOADED = ["medrpn.cli", "medrpn.training.cli", "medrpn.commands.predict", "medrpn.commands.evaluate",
+              "medrpn.commands.check_data", "medrpn.commands.plan", "medrpn.commands.fit_crops"]
+_CHILD = Path(__file__).with_name("medrpn_child.py")
+
+
+def run_medrpn(*args: str, cwd: Path, env: Mapping[str, str] | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """`medrpn ARGS` in its own process, as `subprocess.run(..., capture_output=True)` would give it
+    (exit status, standard output and error as text), without the 6-13 s of importing torch,
+    Lightning and MLflow that each new Python process pays: the process is forked from a server
+    that imported them once per test process (multiprocessing's forkserver; it has run nothing, so
+    every command starts from a clean state). For commands that must be started as programs
+    (DDP launchers, which start `sys.argv` again; signals; servers) the tests use subprocess."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(_PRELOADED)
+    with tempfile.TemporaryDirectory(prefix="medrpn-output-") as folder:
+        out, err = Path(folder) / "stdout", Path(folder) / "stderr"
+        command = (list(args), str(cwd), dict(os.environ if env is None else env), str(out), str(err))
+        process = context.Process(target=runpy.run_path, args=(str(_CHILD),), kwargs={"init_globals": {"COMMAND": command}})
+        process.start()
+        process.join(timeout)
+        if process.exitcode is None:
+            process.kill()
+            process.join()
+            raise subprocess.TimeoutExpired(["medrpn", *args], timeout, _read(out), _read(err))
+        return subprocess.CompletedProcess(["medrpn", *args], process.exitcode, _read(out), _read(err))
+
+
+def _read(path: Path) -> str:
+    # progress bars and Lightning's tips are UTF-8 whatever the locale
+    return path.read_text(encoding="utf-8", errors="replace") if path.exists() else ""

@@ -7,9 +7,7 @@ purpose) is shared by the tests of this module.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import mlflow
@@ -19,15 +17,13 @@ from PIL import Image as PILImage
 
 from medrpn.inference.predict import predict_files
 from medrpn.data.synth import write_synthetic_dataset
+from support import run_medrpn
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def _medrpn(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.run(
-        [sys.executable, "-m", "medrpn", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
-    )
+    return run_medrpn(*args, cwd=cwd)
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import mlflow
 import numpy as np
 import pytest
 import torch
-from support import TINY
+from support import TINY, run_medrpn
 
 from medrpn.data.batch import collate_detection
 from medrpn.data.datamodule import LesionDataModule
@@ -45,10 +45,13 @@ def _validate_on_one_and_two_processes(root: Path, common: list[str], checkpoint
     """`medrpn validate` of the checkpoint with 1 and then 2 processes; every MLflow run of the
     experiment by name, and the val/ metrics of the two validations, which must be equal."""
     for devices in ("1", "2"):
-        _medrpn(
-            "validate", *common, "--trainer.devices", devices, "--trainer.strategy", "ddp" if devices == "2" else "auto",
-            "--ckpt_path", str(checkpoint), "--trainer.logger.init_args.run_name", f"{prefix}-{devices}", cwd=root,
-        )
+        args = ("validate", *common, "--trainer.devices", devices, "--trainer.strategy", "ddp" if devices == "2" else "auto",
+                "--ckpt_path", str(checkpoint), "--trainer.logger.init_args.run_name", f"{prefix}-{devices}")
+        if devices == "2":
+            _medrpn(*args, cwd=root)  # a program of its own: Lightning's launcher starts its command line again
+        else:
+            single = run_medrpn(*args, cwd=root)
+            assert single.returncode == 0, (single.stdout + single.stderr)[-4000:]
     mlflow.set_tracking_uri(f"sqlite:///{root / 'mlruns.db'}")
     runs = {r.info.run_name: r for r in mlflow.search_runs(experiment_names=[experiment], output_format="list")}
     one, two = runs[f"{prefix}-1"].data.metrics, runs[f"{prefix}-2"].data.metrics

@@ -2,28 +2,26 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import mlflow
 
 from medrpn.data.synth import write_synthetic_dataset
+from support import run_medrpn
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def _fit(data: Path, cwd: Path, seed: int) -> dict[str, float]:
     cwd.mkdir()
-    result = subprocess.run(
-        [sys.executable, "-m", "medrpn", "fit", "--config", str(REPO / "configs" / "demo.yaml"),
+    result = run_medrpn(
+        "fit", "--config", str(REPO / "configs" / "demo.yaml"),
          "--seed_everything", str(seed), "--data.annotations", str(data / "annotations.csv"),
          "--data.image_size", "128", "--data.num_workers", "2", "--data.val_fraction", "0.25",
          "--data.test_fraction", "0", "--model.backbone.fpn_channels", "32", "--trainer.max_epochs", "1",
          "--trainer.limit_train_batches", "3", "--trainer.enable_progress_bar", "false",
-         "--data.augment.mosaic", "0.5"],  # mosaic's partner images are drawn at random too
-        cwd=cwd, env={**os.environ, "PYTHONUNBUFFERED": "1"}, capture_output=True, text=True, timeout=600,
+         "--data.augment.mosaic", "0.5",  # mosaic's partner images are drawn at random too
+        cwd=cwd,
     )
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     mlflow.set_tracking_uri(f"sqlite:///{cwd / 'mlruns.db'}")

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import subprocess
-import sys
 from contextlib import redirect_stdout
 from pathlib import Path
 
@@ -32,6 +30,7 @@ from medrpn.outputs.proposals import image_proposals, write_proposals
 from medrpn.inference.predict import load_checkpoint, predict_files
 from medrpn.data.synth import write_synthetic_dataset
 from medrpn.training.lightning_module import RPN_LOSS_NAMES, LesionDetectionModule
+from support import run_medrpn
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 96
@@ -91,10 +90,7 @@ def test_rpn_only_module_trains_and_validates_on_proposals(data):
 
 
 def _medrpn(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.run(
-        [sys.executable, "-m", "medrpn", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
-    )
+    return run_medrpn(*args, cwd=cwd, timeout=300)
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ import torch
 from medrpn.training.runs import redact_uri
 from medrpn.data.synth import write_synthetic_dataset
 from medrpn.training.tracking_outbox import MLflowLogger
-from support import free_port
+from support import free_port, run_medrpn
 
 REPO = Path(__file__).resolve().parents[1]
 MLFLOW = Path(sys.executable).with_name("mlflow")
@@ -109,8 +109,7 @@ def test_training_survives_the_tracking_server_going_away(tmp_path):
 
     server = _start_server(tmp_path, port)
     try:
-        sync = subprocess.run([sys.executable, "-m", "medrpn", "mlflow-sync", str(outbox)],
-                              cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        sync = run_medrpn("mlflow-sync", str(outbox), cwd=tmp_path, timeout=300)
         assert sync.returncode == 0, sync.stderr[-3000:]
         assert not outbox.exists() and outbox.with_suffix(".synced").exists()
         client = mlflow.MlflowClient(uri)
@@ -172,8 +171,7 @@ def test_outbox_skips_a_cut_off_line_appends_after_it_and_holds_no_password(tmp_
 
     server = _start_server(tmp_path, port)
     try:
-        sync = subprocess.run([sys.executable, "-m", "medrpn", "mlflow-sync", str(logger.outbox)],
-                              cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        sync = run_medrpn("mlflow-sync", str(logger.outbox), cwd=tmp_path, timeout=300)
         assert sync.returncode == 0, sync.stderr[-3000:]
         assert f"{logger.outbox}, line 3: cut off or damaged" in sync.stderr and "Traceback" not in sync.stderr
         client = mlflow.MlflowClient(f"http://127.0.0.1:{port}")
@@ -211,8 +209,7 @@ def test_a_run_whose_server_is_away_at_the_start_can_go_on_in_the_outbox(tmp_pat
     (outbox,) = (tmp_path / "mlflow-outbox").glob("*.jsonl")
     server = _start_server(tmp_path, port)
     try:
-        sync = subprocess.run([sys.executable, "-m", "medrpn", "mlflow-sync", str(outbox)],
-                              cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        sync = run_medrpn("mlflow-sync", str(outbox), cwd=tmp_path, timeout=300)
         assert sync.returncode == 0, sync.stderr[-3000:]
         client = mlflow.MlflowClient(f"http://127.0.0.1:{port}")
         (run,) = client.search_runs([client.get_experiment_by_name("medrpn-demo").experiment_id])  # made by the sync

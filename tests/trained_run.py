@@ -1,4 +1,4 @@
-"""One tiny real `medrpn fit` (a subprocess, as a user runs it), shared by the evaluation tests.
+"""One tiny real `medrpn fit` (a process of its own, as a user runs it), shared by the evaluation tests.
 
 test_evaluate, test_compare and test_operating_point need a trained checkpoint and its MLflow
 run; `trained_run` makes them once per pytest session (a few steps on 16 generated DICOM images
@@ -7,15 +7,14 @@ at 128 px) and hands every module the same one.
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from medrpn.data.synth import write_synthetic_dataset
+from support import run_medrpn
 
 REPO = Path(__file__).resolve().parents[1]
 RUN_NAME = "eval-e2e"
@@ -38,11 +37,9 @@ _KEY = pytest.StashKey[TrainedRun]()
 
 
 def medrpn(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.run(
-        [sys.executable, "-m", "medrpn", *args], cwd=cwd, env=env, capture_output=True, timeout=600,
-        encoding="utf-8", errors="replace",  # progress bars and Lightning's tips are UTF-8 whatever the locale
-    )
+    """`medrpn ARGS` in a process of its own (support.run_medrpn: forked, so torch and Lightning
+    are not imported again for each command)."""
+    return run_medrpn(*args, cwd=cwd)
 
 
 def _fit(work: Path) -> TrainedRun:
