@@ -7,7 +7,6 @@ purpose) is shared by the tests of this module.
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import mlflow
@@ -22,9 +21,6 @@ from support import run_medrpn
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _medrpn(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return run_medrpn(*args, cwd=cwd)
-
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
@@ -32,7 +28,7 @@ def trained(tmp_path_factory):
     write_synthetic_dataset(work / "data", n_images=24, image_size=128, seed=5)
     broken = sorted((work / "data" / "images").glob("*.dcm"))[0]
     broken.write_bytes(broken.read_bytes()[:300])  # a truncated DICOM file inside the dataset
-    result = _medrpn(
+    result = run_medrpn(
         "fit",
         "--config", str(REPO / "configs" / "demo.yaml"),
         "--data.annotations", str(work / "data" / "annotations.csv"),
@@ -132,27 +128,27 @@ def test_predict_command_line(trained, tmp_path):
     image = next((tmp_path / "new" / "images").glob("*.dcm"))
     args = ["predict", "--ckpt", str(work / "demo" / "checkpoints" / "best.ckpt"), "--input", str(image),
             "--output", str(tmp_path / "out"), "--num-workers", "0"]
-    result = _medrpn(*args, cwd=tmp_path)
+    result = run_medrpn(*args, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "medrpn predict: 1 images" in result.stdout
     (study,) = (tmp_path / "out").iterdir()
     assert {p.name for p in study.iterdir()} >= {"findings.json", "sr.dcm", image.with_suffix(".png").name}
-    again = _medrpn(*args, cwd=tmp_path)  # an existing output is kept unless --overwrite is given
+    again = run_medrpn(*args, cwd=tmp_path)  # an existing output is kept unless --overwrite is given
     assert again.returncode == 0 and "kept existing outputs" in again.stdout
     assert "medrpn predict: 0 images" in again.stdout
-    replaced = _medrpn(*args, "--overwrite", cwd=tmp_path)
+    replaced = run_medrpn(*args, "--overwrite", cwd=tmp_path)
     assert replaced.returncode == 0 and "medrpn predict: 1 images" in replaced.stdout
 
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
-    result = _medrpn("predict", "--ckpt", "nope.ckpt", "--input", ".", "--output", "out", cwd=tmp_path)
+    result = run_medrpn("predict", "--ckpt", "nope.ckpt", "--input", ".", "--output", "out", cwd=tmp_path)
     assert result.returncode == 2
     assert "nope.ckpt: checkpoint not found" in result.stderr
     assert "Traceback" not in result.stderr
 
 
 def test_sync_batchnorm_on_cpu_is_a_clear_error(tmp_path):
-    result = _medrpn(
+    result = run_medrpn(
         "fit", "--config", str(REPO / "configs" / "demo.yaml"), "--trainer.accelerator", "cpu",
         "--trainer.sync_batchnorm", "true", cwd=tmp_path,
     )
@@ -163,7 +159,7 @@ def test_sync_batchnorm_on_cpu_is_a_clear_error(tmp_path):
 def test_bf16_on_a_cpu_that_emulates_it_is_warned_of(tmp_path):
     from medrpn.training.cli import cpu_has_bf16
 
-    result = _medrpn(
+    result = run_medrpn(
         "fit", "--config", str(REPO / "configs" / "demo.yaml"), "--trainer.accelerator", "cpu",
         "--trainer.precision", "bf16-mixed", "--data.annotations", "missing.csv", cwd=tmp_path,
     )

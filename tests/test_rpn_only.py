@@ -2,7 +2,7 @@
 and its proposals exported as JSON for a second stage of the user's own.
 
 Real parts throughout: a small detector on synthetic DICOM phantoms, a real `medrpn fit` in a
-subprocess, then `medrpn predict --proposals` on its checkpoint (one DICOM study and one PNG of
+process of its own, then `medrpn predict --proposals` on its checkpoint (one DICOM study and one PNG of
 another size and shape than the training images).
 """
 
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import json
-import subprocess
 from contextlib import redirect_stdout
 from pathlib import Path
 
@@ -89,9 +88,6 @@ def test_rpn_only_module_trains_and_validates_on_proposals(data):
     assert module.operating_point is not None  # picked on the objectness scores
 
 
-def _medrpn(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return run_medrpn(*args, cwd=cwd, timeout=300)
-
 
 @pytest.fixture(scope="module")
 def fitted(data, tmp_path_factory) -> Path:
@@ -106,7 +102,7 @@ def fitted(data, tmp_path_factory) -> Path:
         .replace("test_fraction: 0.15", "test_fraction: 0.25")
         .replace("num_workers: 2", "num_workers: 0")
     )
-    result = _medrpn(
+    result = run_medrpn(
         "fit", "--config", str(config), "--model.rpn_only", "true",
         "--model.backbone.fpn_channels", "16", "--model.bootstrap_samples", "20",
         "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--trainer.enable_progress_bar", "false",

@@ -7,7 +7,6 @@ at 128 px) and hands every module the same one.
 
 from __future__ import annotations
 
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,10 +35,8 @@ class TrainedRun:
 _KEY = pytest.StashKey[TrainedRun]()
 
 
-def medrpn(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    """`medrpn ARGS` in a process of its own (support.run_medrpn: forked, so torch and Lightning
-    are not imported again for each command)."""
-    return run_medrpn(*args, cwd=cwd)
+# `medrpn ARGS` in a process of its own, as the test modules call it (support.run_medrpn).
+medrpn = run_medrpn
 
 
 def _fit(work: Path) -> TrainedRun:
