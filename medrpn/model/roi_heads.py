@@ -17,6 +17,10 @@ The box loss is torchvision's smooth L1 on the encoded offsets, or with `box_los
 generalized IoU of the decoded box with its lesion (Rezatofighi et al. 2019; mmdetection's
 `reg_decoded_bbox` with `GIoULoss`, weight 10): it scores the box as it is judged, by overlap,
 rather than by four offsets weighted alike.
+
+With `iou_aware`, the head also predicts the IoU of each refined box with its lesion, and a
+detection's score weighs that in beside its class probability
+(`medrpn.model.iou_aware_scoring`): boxes that fit rank above boxes that merely sit on a lesion.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.ops import MultiScaleRoIAlign, generalized_box_iou_loss
 
 from medrpn.errors import ConfigError
+from medrpn.model.iou_aware_scoring import IoUAwareBoxPredictor, best_overlaps, iou_aware_logits, iou_loss, iou_targets
 from medrpn.model.sparse_roi_align import SparseMultiScaleRoIAlign
 
 BOX_LOSSES = {"smooth_l1": 1.0, "giou": 10.0}  # each box loss with its default weight
@@ -58,6 +63,10 @@ class RoIConfig:
             RoIs to lesions, rising (Cascade R-CNN's [0.5, 0.6, 0.7]): every stage refines the
             boxes of the one before (`medrpn.model.cascade_roi_heads`). It replaces
             fg_iou_thresh and bg_iou_thresh. 2D only.
+        iou_aware: None for scores from the class probabilities alone; or alpha in (0, 1]: the
+            head also predicts each refined box's IoU with its lesion, and a detection scores
+            p(class) * (IoU / P(lesion)) ** alpha (`medrpn.model.iou_aware_scoring`; IoU-aware
+            RetinaNet's 0.5 is a usual choice). 2D, one stage only.
     """
 
     output_size: int = 7
@@ -74,6 +83,7 @@ class RoIConfig:
     box_loss: str = "smooth_l1"
     box_loss_weight: float | None = None
     cascade_iou: list[float] | None = None
+    iou_aware: float | None = None
 
     def __post_init__(self) -> None:
         if self.cascade_iou is not None:
@@ -89,6 +99,11 @@ class RoIConfig:
             raise ConfigError(f"model.roi.box_loss must be one of {', '.join(BOX_LOSSES)}; got {self.box_loss!r}")
         if self.box_loss_weight is not None and not self.box_loss_weight > 0:
             raise ConfigError(f"model.roi.box_loss_weight must be positive, or null; got {self.box_loss_weight}")
+        if self.iou_aware is not None:
+            if not 0 < self.iou_aware <= 1:
+                raise ConfigError(f"model.roi.iou_aware must be a weight in (0, 1] (e.g. 0.5), or null; got {self.iou_aware}")
+            if self.cascade_iou is not None:
+                raise ConfigError("model.roi.iou_aware and model.roi.cascade_iou cannot be combined: set one of them to null")
 
     @property
     def box_weight(self) -> float:
@@ -122,40 +137,70 @@ class ContextRoIAlign(nn.Module):
 
 class LesionRoIHeads(RoIHeads):
     """torchvision's `RoIHeads` whose training losses follow `RoIConfig.box_loss`; inference is
-    torchvision's unchanged."""
+    torchvision's, on IoU-aware scores when the predictor is an `IoUAwareBoxPredictor`."""
 
-    def __init__(self, *args, box_loss: str = "smooth_l1", box_weight: float = 1.0, **kwargs) -> None:
+    def __init__(self, *args, box_loss: str = "smooth_l1", box_weight: float = 1.0, iou_alpha: float | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.box_loss, self.box_weight = box_loss, box_weight
+        self.box_loss, self.box_weight, self.iou_alpha = box_loss, box_weight, iou_alpha
 
     def forward(self, features, proposals, image_shapes, targets=None):
         if not self.training:
-            return super().forward(features, proposals, image_shapes, targets)
+            if self.iou_alpha is None:
+                return super().forward(features, proposals, image_shapes, targets)
+            return self._detect_iou_aware(features, proposals, image_shapes), {}
         if targets is None:
             raise ValueError("targets are required in training mode")
         proposals, _, labels, regression_targets = self.select_training_samples(proposals, targets)
         pooled = self.box_head(self.box_roi_pool(features, proposals, image_shapes))
-        class_logits, box_regression = self.box_predictor(pooled)
-        return [], self.losses(class_logits, box_regression, torch.cat(proposals), torch.cat(labels), torch.cat(regression_targets))
+        class_logits, box_regression, *iou_logits = self.box_predictor(pooled)  # IoUs with `iou_alpha`
+        iou, overlaps = None, None
+        if iou_logits:
+            iou, overlaps = iou_logits[0], best_overlaps(proposals, [t["boxes"] for t in targets])
+        rois, labels, regression_targets = torch.cat(proposals), torch.cat(labels), torch.cat(regression_targets)
+        return [], self.losses(class_logits, box_regression, rois, labels, regression_targets, iou, overlaps)
 
-    def losses(self, class_logits: Tensor, box_regression: Tensor, rois: Tensor, labels: Tensor, regression_targets: Tensor) -> dict[str, Tensor]:
+    def _detect_iou_aware(self, features, proposals, image_shapes) -> list[dict[str, Tensor]]:
+        """torchvision's post-processing (score threshold, per-class NMS, top k) on IoU-aware scores."""
+        pooled = self.box_head(self.box_roi_pool(features, proposals, image_shapes))
+        class_logits, box_regression, iou_logits = self.box_predictor(pooled)
+        scores = iou_aware_logits(class_logits, iou_logits, self.iou_alpha)
+        boxes, scores, labels = self.postprocess_detections(scores, box_regression, proposals, image_shapes)
+        return [{"boxes": b, "scores": s, "labels": l} for b, s, l in zip(boxes, scores, labels)]
+
+    def losses(
+        self,
+        class_logits: Tensor,
+        box_regression: Tensor,
+        rois: Tensor,
+        labels: Tensor,
+        regression_targets: Tensor,
+        iou_logits: Tensor | None = None,
+        overlaps: Tensor | None = None,
+    ) -> dict[str, Tensor]:
         """Cross-entropy over classes, and the box loss over the lesion RoIs (each with its own
-        class's offsets), summed and divided by all sampled RoIs as torchvision does."""
+        class's offsets), summed and divided by all sampled RoIs as torchvision does; with
+        `iou_logits` and `overlaps` (each RoI's best IoU with a lesion), also `loss_box_iou`, the
+        predicted IoUs against `iou_targets`."""
         positive = (labels > 0).nonzero().flatten()
         if box_regression.shape[1] == 4:  # one class-agnostic box per RoI (a cascade stage's)
             deltas = box_regression[positive]
         else:
             deltas = box_regression.reshape(len(labels), -1, 4)[positive, labels[positive]]
-        if self.box_loss == "giou":
+        if self.box_loss == "giou" or iou_logits is not None:
             predicted = self.box_coder.decode_single(deltas, rois[positive])
             lesion = self.box_coder.decode_single(regression_targets[positive], rois[positive])
+        if self.box_loss == "giou":
             box = generalized_box_iou_loss(predicted, lesion, reduction="sum")
         else:
             box = F.smooth_l1_loss(deltas, regression_targets[positive], beta=1 / 9, reduction="sum")
-        return {
+        losses = {
             "loss_classifier": F.cross_entropy(class_logits, labels),
             "loss_box_reg": self.box_weight * box / max(len(labels), 1),
         }
+        if iou_logits is not None:
+            targets = iou_targets(labels > 0, predicted, lesion, overlaps)
+            losses["loss_box_iou"] = iou_loss(iou_logits, targets, len(positive))
+        return losses
 
 
 def build_roi_heads(config: RoIConfig, feature_names: list[str], in_channels: int, num_classes: int) -> nn.Module:
@@ -168,7 +213,8 @@ def build_roi_heads(config: RoIConfig, feature_names: list[str], in_channels: in
     if config.context_scale is not None:
         pool, channels = ContextRoIAlign(pool, config.context_scale), 2 * in_channels
     if config.cascade_iou is None:
-        predictor = FastRCNNPredictor(config.representation_size, num_classes + 1)
+        predictor_class = FastRCNNPredictor if config.iou_aware is None else IoUAwareBoxPredictor
+        predictor = predictor_class(config.representation_size, num_classes + 1)
         return _stage(config, pool, channels, predictor, config.fg_iou_thresh, config.bg_iou_thresh, None)
     from medrpn.model.cascade_roi_heads import AgnosticBoxPredictor, CascadeRoIHeads, stage_box_weights
 
@@ -195,4 +241,5 @@ def _stage(config: RoIConfig, pool: nn.Module | None, channels: int, predictor: 
         detections_per_img=config.detections_per_img,
         box_loss=config.box_loss,
         box_weight=config.box_weight,
+        iou_alpha=config.iou_aware,
     )

@@ -69,7 +69,7 @@ _MODEL_SHAPE_KEYS = (
 )
 _SHAPE_FIELDS = {
     "rpn": ("objectness", "conv_depth"),
-    "roi": ("output_size", "sampling_ratio", "representation_size", "context_scale", "cascade_iou"),
+    "roi": ("output_size", "sampling_ratio", "representation_size", "context_scale", "cascade_iou", "iou_aware"),
     "volume": ("backbone", "anchors"),
 }
 # Settings that come from the data, never from a checkpoint (on_load_checkpoint refuses others).
@@ -159,6 +159,7 @@ def _plain(value: Any) -> Any:
 
 RPN_LOSS_NAMES = ("loss_objectness", "loss_rpn_box_reg")
 LOSS_NAMES = (*RPN_LOSS_NAMES, "loss_classifier", "loss_box_reg")
+IOU_LOSS_NAME = "loss_box_iou"  # the second stage's IoU prediction, with `roi.iou_aware`
 RPN_ONLY_CLASS = "lesion"  # the one class an RPN-only model reports (findings, metrics)
 
 
@@ -277,7 +278,7 @@ class LesionDetectionModule(L.LightningModule):
                 containment_thresh=containment_thresh,
                 rpn_only=self.rpn_only,
             )
-        self.loss_names = RPN_LOSS_NAMES if self.rpn_only else LOSS_NAMES
+        self.loss_names = RPN_LOSS_NAMES if self.rpn_only else LOSS_NAMES + ((IOU_LOSS_NAME,) if config.roi.iou_aware else ())
         self.optim = _as(OptimConfig, optim)
         self.save_hyperparameters(
             {
