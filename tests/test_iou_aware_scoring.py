@@ -42,12 +42,10 @@ def test_lesion_rois_learn_their_refined_boxs_iou_and_background_rois_their_best
     targets = iou_targets(positive, predicted, lesions, overlaps)
     assert torch.allclose(targets, torch.tensor([400 / 600, 0.2, 50 / 150]))
     at_target = torch.logit(targets).requires_grad_()
-    loss = iou_loss(at_target, targets, positives=2)
+    loss = iou_loss(at_target, targets)
     loss.backward()
     assert at_target.grad.abs().max() < 1e-6
-    assert iou_loss(torch.logit(targets) + 0.5, targets, positives=2) > loss
-    # summed over the RoIs and divided by the lesion RoIs
-    assert torch.allclose(iou_loss(at_target, targets, 1), 2 * loss)
+    assert iou_loss(torch.logit(targets) + 0.5, targets) > loss
     rois = [torch.tensor([[0.0, 0.0, 10.0, 10.0], [20.0, 20.0, 30.0, 30.0]]), torch.tensor([[0.0, 0.0, 5.0, 5.0]])]
     image_lesions = [torch.tensor([[0.0, 0.0, 10.0, 20.0], [100.0, 100.0, 110.0, 110.0]]), torch.zeros(0, 4)]
     assert torch.allclose(best_overlaps(rois, image_lesions), torch.tensor([0.5, 0.0, 0.0]))
@@ -63,7 +61,7 @@ def test_the_heads_train_the_iou_of_every_sampled_roi():
     losses = heads.losses(logits, offsets, rois, labels, targets, iou_logits, overlaps)
     refined = heads.box_coder.decode_single(offsets.reshape(4, 4, 4)[[0, 1], [1, 2]], rois[:2])
     expected_targets = torch.cat([box_iou(refined, lesions[:2]).diagonal(), overlaps[2:]])
-    expected = F.binary_cross_entropy_with_logits(iou_logits, expected_targets, reduction="sum") / 2
+    expected = F.binary_cross_entropy_with_logits(iou_logits, expected_targets)
     assert torch.allclose(losses["loss_box_iou"], expected)
     # without IoU logits the losses are the plain ones
     assert set(heads.losses(logits, offsets, rois, labels, targets)) == {"loss_classifier", "loss_box_reg"}

@@ -199,7 +199,7 @@ class LesionRoIHeads(RoIHeads):
         }
         if iou_logits is not None:
             targets = iou_targets(labels > 0, predicted, lesion, overlaps)
-            losses["loss_box_iou"] = iou_loss(iou_logits, targets, len(positive))
+            losses["loss_box_iou"] = iou_loss(iou_logits, targets)
         return losses
 
 
