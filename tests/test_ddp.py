@@ -155,8 +155,8 @@ def test_two_process_ddp_fit_on_volumes_and_per_scan_validation_matches_one_proc
         "--model.bootstrap_samples", "20", "--trainer.enable_progress_bar", "false", "--trainer.accelerator", "cpu",
     ]
     output = _medrpn(
-        "fit", *common, "--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.max_epochs", "6",
-        "--trainer.check_val_every_n_epoch", "3", "--trainer.logger.init_args.run_name", "ddp-fit-3d", cwd=tmp_path,
+        "fit", *common, "--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.max_epochs", "12",
+        "--trainer.check_val_every_n_epoch", "6", "--trainer.logger.init_args.run_name", "ddp-fit-3d", cwd=tmp_path,
     )
     assert output.count("medrpn fit finished.") == 1 and "distributed_backend=gloo" in output
     assert "held-out test   FROC sensitivity at 1 FP/scan" in output
