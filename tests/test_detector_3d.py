@@ -121,3 +121,20 @@ def test_3d_flipped_proposals_are_the_mirror_of_those_of_the_flipped_volume(flip
         torch.testing.assert_close(boxes[torch.argsort(scores)], back[torch.argsort(mirrored.proposal_scores[i])])
         assert len(boxes) <= 20 and float(scores[0]) >= float(plain.proposal_scores[i][0])
         assert float(box_iou(boxes, boxes).fill_diagonal_(0).max()) <= 0.7  # one 3D NMS over both views
+
+
+def test_the_3d_rpn_keeps_overlapping_proposals_for_training_by_its_training_nms_threshold():
+    rpn = RPNConfig(nms_thresh=0.3, nms_thresh_train=0.95, pre_nms_top_n_train=200, pre_nms_top_n_test=200,
+                    post_nms_top_n_train=200, post_nms_top_n_test=200)
+    model = build_detector_3d(Detector3DConfig(num_classes=1, rpn=rpn))
+    generator = torch.Generator().manual_seed(0)
+    corners = torch.rand(200, 3, generator=generator) * 4 + 10  # 200 boxes crowded about one place
+    boxes = torch.cat([corners, corners + 8 + torch.rand(200, 3, generator=generator)], dim=1)
+    logits = torch.randn(200, generator=generator)
+    kept = {}
+    for training in (True, False):
+        model.rpn.train(training)
+        kept[training], _ = model.rpn._select(boxes, logits, [200], [32, 32, 32])
+    overlaps = box_iou(kept[True], kept[True]).fill_diagonal_(0)
+    assert float(overlaps.max()) > 0.3 and len(kept[True]) > 3 * len(kept[False])
+    assert float(box_iou(kept[False], kept[False]).fill_diagonal_(0).max()) <= 0.3

@@ -118,6 +118,43 @@ def test_defaults_give_exactly_torchvisions_rpn():
         assert torch.equal(losses[key], reference_losses[key])
 
 
+def test_a_training_nms_threshold_applies_in_training_only_as_torchvisions_rpn_with_it():
+    """`nms_thresh_train` keeps more overlapping proposals for the second stage to sample from
+    while training; at test time the proposals are those of `nms_thresh`, and the attribute flip
+    merging reads stays the test-time value."""
+    config = RPNConfig(nms_thresh=0.5, nms_thresh_train=0.9, pre_nms_top_n_train=300, post_nms_top_n_train=300)
+    sizes = [[8.0], [16.0], [32.0], [64.0]]
+    torch.manual_seed(0)
+    ours = build_rpn(config, build_anchor_generator(AnchorConfig(sizes=sizes), 4), in_channels=8)
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.normal_(std=0.3)
+
+    def torchvisions(nms_thresh: float) -> RegionProposalNetwork:
+        rpn = RegionProposalNetwork(
+            AnchorGenerator(sizes=tuple((s[0],) for s in sizes), aspect_ratios=((0.5, 1.0, 2.0),) * 4),
+            RPNHead(8, 3), 0.7, 0.3, 256, 0.5,
+            pre_nms_top_n={"training": 300, "testing": config.pre_nms_top_n_test},
+            post_nms_top_n={"training": 300, "testing": config.post_nms_top_n_test},
+            nms_thresh=nms_thresh,
+        )
+        rpn.load_state_dict(ours.state_dict())
+        return rpn
+
+    images = ImageList(torch.zeros(1, 1, 64, 64), [(64, 64)])
+    features = OrderedDict((str(i), torch.randn(1, 8, 16 // 2**i, 16 // 2**i)) for i in range(4))
+    targets = [{"boxes": BOX}]
+    ours.train()
+    trained_on = ours(images, features, targets)[0][0]
+    assert ours.nms_thresh == 0.5
+    assert torch.equal(trained_on, torchvisions(0.9).train()(images, features, targets)[0][0])
+    ours.eval()
+    tested_on = ours(images, features)[0][0]
+    assert torch.equal(tested_on, torchvisions(0.5).eval()(images, features)[0][0])
+    overlaps = box_iou(trained_on, trained_on).fill_diagonal_(0)
+    assert float(overlaps.max()) > 0.5  # pairs NMS 0.5 would have suppressed reach the second stage
+
+
 def test_hard_negative_sampler_takes_the_highest_scoring_negatives():
     rpn = tiny_detector(sampler="hard_negative", batch_size_per_image=20, hard_negative_pool=1).rpn
     torch.manual_seed(3)
@@ -259,6 +296,7 @@ def test_carrying_levels_must_share_their_anchor_count():
         (dict(focal_gamma=-1.0), "rpn.focal_gamma"),
         (dict(nms_thresh=0.0), r"rpn.nms_thresh must be an IoU in \(0, 1\], got 0.0"),
         (dict(nms_thresh=1.5), "rpn.nms_thresh"),
+        (dict(nms_thresh_train=0.0), r"rpn.nms_thresh_train must be an IoU in \(0, 1\] or null, got 0.0"),
         (dict(post_nms_top_n_test=0), "rpn.post_nms_top_n_test must be at least 1"),
         (dict(pre_nms_top_n_train=-5), "rpn.pre_nms_top_n_train"),
         (dict(score_thresh=1.0), "rpn.score_thresh"),

@@ -52,6 +52,10 @@ class RPNConfig:
         pre_nms_top_n_train / pre_nms_top_n_test: best proposals kept per level before NMS.
         post_nms_top_n_train / post_nms_top_n_test: proposals kept per image after NMS.
         nms_thresh: IoU above which the lower-scoring of two proposals is suppressed.
+        nms_thresh_train: the same while training, where the proposals are what the second stage
+            samples its RoIs from; None: `nms_thresh`. A higher value in training (Faster R-CNN's
+            0.7) leaves the second stage more lesion RoIs per image, at more IoUs, to learn the
+            lesion type and the box from, whatever NMS the proposals get at test time.
         score_thresh: proposals with a lower objectness probability are dropped.
         conv_depth: 3x3 convolutions in the shared head.
         objectness: "sigmoid" (one logit per anchor, torchvision) or "softmax" (background and
@@ -79,6 +83,7 @@ class RPNConfig:
     post_nms_top_n_train: int = 500
     post_nms_top_n_test: int = 300
     nms_thresh: float = 0.7
+    nms_thresh_train: Optional[float] = None
     score_thresh: float = 0.0
     conv_depth: int = 1
     objectness: str = "sigmoid"
@@ -87,6 +92,12 @@ class RPNConfig:
     focal_alpha: float = 0.25
     focal_gamma: float = 2.0
     test_flips: list[str] = field(default_factory=list)
+
+    def nms_thresh_for(self, training: bool) -> float:
+        """The proposals' NMS threshold in training or at test time."""
+        if training and self.nms_thresh_train is not None:
+            return self.nms_thresh_train
+        return self.nms_thresh
 
 
 class LesionRPN(RegionProposalNetwork):
@@ -116,6 +127,7 @@ class LesionRPN(RegionProposalNetwork):
             nms_thresh=config.nms_thresh,
             score_thresh=config.score_thresh,
         )
+        self.nms_thresh_train = config.nms_thresh_for(training=True)
         self.levels: Optional[list[int]] = getattr(anchor_generator, "levels", None)
         self.scores_per_anchor = 2 if config.objectness == "softmax" else 1
         self.sampler = config.sampler
@@ -129,6 +141,19 @@ class LesionRPN(RegionProposalNetwork):
             )
         elif config.sampler in NO_SAMPLING:
             self.fg_bg_sampler = None
+
+    def filter_proposals(
+        self, proposals: Tensor, objectness: Tensor, image_shapes: list[tuple[int, int]], num_anchors_per_level: list[int]
+    ) -> tuple[list[Tensor], list[Tensor]]:
+        """torchvision's selection, with the training NMS threshold while training; `nms_thresh`
+        stays the test-time value outside this call (flip merging reads it)."""
+        if not self.training:
+            return super().filter_proposals(proposals, objectness, image_shapes, num_anchors_per_level)
+        test_thresh, self.nms_thresh = self.nms_thresh, self.nms_thresh_train
+        try:
+            return super().filter_proposals(proposals, objectness, image_shapes, num_anchors_per_level)
+        finally:
+            self.nms_thresh = test_thresh
 
     def compute_loss(
         self, objectness: Tensor, pred_bbox_deltas: Tensor, labels: list[Tensor], regression_targets: list[Tensor]
@@ -200,6 +225,8 @@ def validate(config: RPNConfig) -> None:
             raise ConfigError(f"rpn.{name} must be at least 1, got {getattr(config, name)}")
     if not 0 < config.nms_thresh <= 1:
         raise ConfigError(f"rpn.nms_thresh must be an IoU in (0, 1], got {config.nms_thresh}")
+    if config.nms_thresh_train is not None and not 0 < config.nms_thresh_train <= 1:
+        raise ConfigError(f"rpn.nms_thresh_train must be an IoU in (0, 1] or null, got {config.nms_thresh_train}")
     if not 0 <= config.score_thresh < 1:
         raise ConfigError(f"rpn.score_thresh must be in [0, 1), got {config.score_thresh}")
     if config.hard_negative_pool < 1:

@@ -114,7 +114,7 @@ class RPN3D(nn.Module):
         boxes, probs, levels = boxes, probs[keep], levels[keep]
         large = ((boxes[:, 3:] - boxes[:, :3]) >= MIN_SIZE).all(dim=1) & (probs >= self.config.score_thresh)
         boxes, probs, levels = boxes[large], probs[large], levels[large]
-        keep = batched_nms_3d(boxes, probs, levels, self.nms_thresh)
+        keep = batched_nms_3d(boxes, probs, levels, self.config.nms_thresh_for(self.training))
         keep = keep[probs[keep].argsort(descending=True)][: self.post_nms_top_n()]
         return boxes[keep], probs[keep]
 

@@ -78,7 +78,7 @@ _FROM_DATA = ("class_names", "spatial_dims")
 # them when a checkpoint is only evaluated.
 _TRAINING_ONLY = (
     *(f"rpn.{k}" for k in ("fg_iou_thresh", "bg_iou_thresh", "batch_size_per_image", "positive_fraction",
-                            "pre_nms_top_n_train", "post_nms_top_n_train", "sampler", "hard_negative_pool",
+                            "pre_nms_top_n_train", "post_nms_top_n_train", "nms_thresh_train", "sampler", "hard_negative_pool",
                             "focal_alpha", "focal_gamma")),
     *(f"roi.{k}" for k in ("fg_iou_thresh", "bg_iou_thresh", "batch_size_per_image", "positive_fraction")),
     "anchors_per_position",
