@@ -103,3 +103,31 @@ def test_boxes_the_crop_cuts_below_min_visible_are_left_out():
     assert 30 <= sum(1 in crop for crop in labels) <= 70
     with pytest.raises(ConfigError, match="min_visible"):
         PatchConfig(min_visible=1.5)
+
+
+def test_crops_away_from_lesions_can_be_centred_in_the_foreground():
+    """A scan that is zero but for a 16-voxel cube in one corner (a skull-stripped brain in a
+    large grid): crops drawn anywhere mostly miss it, crops drawn in the foreground always hold it;
+    a scan with no foreground still gives crops."""
+    import numpy as np
+
+    from medrpn.data.records import Record
+    from medrpn.data.volume_loading import PatchConfig
+    from medrpn.errors import ConfigError
+
+    no_box = np.zeros((0, 6), np.float32)
+    record, empty = Record("scan.nii.gz", no_box, []), Record("empty.nii.gz", no_box, [])
+    volume = np.zeros((1, 96, 96, 64), np.float32)
+    volume[0, 8:24, 70:86, 40:56] = 0.5
+    volumes = {record.key: volume, empty.key: np.zeros_like(volume)}
+
+    def foreground_shares(negatives: str) -> list[float]:
+        patches = VolumePatches([record], (24, 24, 16), samples_per_volume=60, flip=False, volumes=volumes, negatives=negatives)
+        return [float((patches[i][0] > 0).float().mean()) for i in range(len(patches))]
+
+    assert all(share > 0.1 for share in foreground_shares("foreground"))
+    assert sum(share == 0 for share in foreground_shares("anywhere")) > 30
+    nothing = VolumePatches([empty], (24, 24, 16), samples_per_volume=3, volumes=volumes, negatives="foreground")
+    assert all(nothing[i][0].shape == (1, 24, 24, 16) for i in range(3))
+    with pytest.raises(ConfigError, match="data.patches.negatives: 'inside' is not one of 'anywhere', 'foreground'"):
+        PatchConfig(negatives="inside")

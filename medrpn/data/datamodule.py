@@ -301,7 +301,7 @@ class LesionDataModule(L.LightningDataModule):
         seed = int(os.environ.get("PL_GLOBAL_SEED", 0))  # seed_everything's, equal on every rank
         patches = VolumePatches(
             self.splits["train"], tuple(p.size), p.positive_fraction, p.per_volume, p.flip, seed, self.volumes.arrays,
-            min_visible=p.min_visible,
+            min_visible=p.min_visible, negatives=p.negatives,
         )
         trainer = self.trainer
         replicas, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)

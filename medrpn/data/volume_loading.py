@@ -32,7 +32,7 @@ from medrpn.data.resampling import grid_zoom, record_on_grid, resample_channels
 from medrpn.data.volume import Volume
 from medrpn.data.volume_cache import VolumeDiskCache
 from medrpn.data.volume_files import read_volume, read_volume_geometry
-from medrpn.data.volume_patches import VolumePatches, scale_to_unit
+from medrpn.data.volume_patches import NEGATIVE_PLACES, VolumePatches, scale_to_unit
 from medrpn.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -49,6 +49,9 @@ class PatchConfig:
         flip: flip patches at random along each axis.
         min_visible: boxes a patch cuts to less than this share of their extent along any axis
             are left out of its targets (0: all kept, clipped to the patch).
+        negatives: where the patches not placed around a lesion go: "anywhere" in the scan, or
+            "foreground": centred on a voxel above zero in some channel after scaling (nnU-Net's
+            crop to the non-zero region; for skull-stripped MRI, the brain).
     """
 
     size: list[int] = field(default_factory=lambda: [64, 64, 32])
@@ -56,6 +59,7 @@ class PatchConfig:
     positive_fraction: float = 0.5
     flip: bool = True
     min_visible: float = 0.0
+    negatives: str = "anywhere"
 
     def __post_init__(self) -> None:
         if len(self.size) != 3 or min(self.size) < 1:
@@ -66,6 +70,8 @@ class PatchConfig:
             raise ConfigError(f"data.patches.positive_fraction must be in [0, 1], got {self.positive_fraction}")
         if not 0 <= self.min_visible <= 1:
             raise ConfigError(f"data.patches.min_visible must be in [0, 1], got {self.min_visible}")
+        if self.negatives not in NEGATIVE_PLACES:
+            raise ConfigError(f"data.patches.negatives: {self.negatives!r} is not one of {', '.join(repr(n) for n in NEGATIVE_PLACES)}")
 
 
 def channel_paths(reference: Path, sequences: Sequence[str] | None) -> list[Path]:
