@@ -8,11 +8,11 @@ at a random place where it holds that lesion whole (or, for a lesion larger than
 it lies inside the lesion's box). Otherwise the crop is anywhere in the scan, or (`negatives:
 "foreground"`) centred on a voxel of the scan's foreground, one that is above zero in some channel
 after scaling: nnU-Net and nnDetection crop every scan to its non-zero region before drawing
-patches, and in a skull-stripped brain in MNI space (an MS scan) 55% of 32-voxel crops drawn anywhere hold
-under 10% brain, so the detector hardly sees the tissue its false positives come from. Boxes are moved into the crop
-and clipped to it; a box cut to nothing is dropped (and with `min_visible` one cut below that
-share of its extent along an axis). Then random
-flips along each axis (MONAI's `RandFlipBoxd`, boxes flipped with the voxels).
+patches, and in a skull-stripped brain in MNI space (an MS scan) 55% of 32-voxel crops drawn
+anywhere hold under 10% brain, so the detector hardly sees the tissue its false positives come
+from. Boxes are moved into the crop and clipped to it; a box cut to nothing is dropped (and with
+`min_visible` one cut below that share of its extent along an axis). Then random flips along
+each axis (MONAI's `RandFlipBoxd`, boxes flipped with the voxels).
 
 Lesions are chosen, not voxels, as nnDetection samples objects: MONAI's `RandCropBoxByPosNegLabeld`
 centres a crop on a voxel inside any box, so a lesion's share of the positive crops grows with
