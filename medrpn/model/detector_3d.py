@@ -141,6 +141,8 @@ def build_detector_3d(config: Detector3DConfig) -> LesionDetector:
         raise ConfigError("model.roi.cascade_iou: the cascade second stage is 2D only; set it to null for volumes")
     if config.roi.iou_aware is not None and not config.rpn_only:
         raise ConfigError("model.roi.iou_aware: IoU-aware scoring is 2D only; set it to null for volumes")
+    if config.roi.image_context and not config.rpn_only:
+        raise ConfigError("model.roi.image_context: the image's context for the second stage is 2D only; set it to false for volumes")
     if len(config.anchors.sizes) != 4:
         raise ConfigError(f"the 3D backbone has 4 pyramid levels: give anchors for 4, got {len(config.anchors.sizes)}")
     backbone = build_backbone_3d(config.backbone)

@@ -11,7 +11,10 @@ MLP: lesions are few per image, so a narrow head and fewer sampled RoIs than tor
 What a lesion is often shows around it more than inside its box (a pituitary tumour sits at the
 sella, a meningioma against the dura): with `context_scale`, each proposal is also pooled
 enlarged that many times about its centre, from the coarser level that suits the larger box, and
-the two grids go to the head side by side as channels.
+the two grids go to the head side by side as channels. With `image_context`, the head also reads
+where the proposal lies in the image and the image's mean feature: a lesion's type often follows
+from its place in the anatomy (the sella, the convexity, the parenchyma), which a 7x7 grid of the
+box alone does not show, and medical images are taken in a few standard positions.
 
 The box loss is torchvision's smooth L1 on the encoded offsets, or with `box_loss: giou` the
 generalized IoU of the decoded box with its lesion (Rezatofighi et al. 2019; mmdetection's
@@ -67,6 +70,9 @@ class RoIConfig:
             head also predicts each refined box's IoU with its lesion, and a detection scores
             p(class) * (IoU / P(lesion)) ** alpha (`medrpn.model.iou_aware_scoring`; IoU-aware
             RetinaNet's 0.5 is a usual choice). 2D, one stage only.
+        image_context: the head also reads each proposal's place in its image (x1, y1, x2, y2 as
+            fractions of the width and height) and the image's mean feature on the coarsest
+            pyramid level it pools from (`ImageContextRoIAlign`). 2D only.
     """
 
     output_size: int = 7
@@ -84,6 +90,7 @@ class RoIConfig:
     box_loss_weight: float | None = None
     cascade_iou: list[float] | None = None
     iou_aware: float | None = None
+    image_context: bool = False
 
     def __post_init__(self) -> None:
         if self.cascade_iou is not None:
@@ -133,6 +140,30 @@ class ContextRoIAlign(nn.Module):
         inner = self.pool(features, proposals, image_shapes)
         outer = self.pool(features, [enlarge_boxes(p, self.scale) for p in proposals], image_shapes)
         return torch.cat([inner, outer], dim=1)
+
+
+class ImageContextRoIAlign(nn.Module):
+    """A pooler's grid for each proposal, flattened, then where the proposal lies in its image and
+    what the image holds as a whole: (N, D + 4 + C) for the box head, D the grid's size.
+
+    The place is the box's x1, y1, x2, y2 as fractions of its image's width and height; the whole
+    is the mean over the feature map `level` (the coarsest the pooler reads, C channels) of the
+    proposal's image, padding included (medrpn's 2D recipes resize every image to one square
+    size, so there is none). Both are learnt from by the head's first layer like the grid."""
+
+    def __init__(self, pool: nn.Module, level: str) -> None:
+        super().__init__()
+        self.pool, self.level = pool, level
+
+    def forward(self, features: dict[str, Tensor], proposals: list[Tensor], image_shapes: list[tuple[int, int]]) -> Tensor:
+        grid = self.pool(features, proposals, image_shapes).flatten(1)
+        # each RoI's image, built from the proposals themselves so that a traced (ONNX) graph
+        # follows their number rather than the count seen when it was traced
+        image = torch.cat([torch.full_like(p[:, 0], i, dtype=torch.long) for i, p in enumerate(proposals)])
+        sizes = torch.tensor([[w, h, w, h] for h, w in image_shapes], dtype=grid.dtype, device=grid.device)
+        place = torch.cat(proposals).to(grid.dtype) / sizes[image]
+        whole = features[self.level].mean(dim=(2, 3)).to(grid.dtype)[image]
+        return torch.cat([grid, place, whole], dim=1)
 
 
 class LesionRoIHeads(RoIHeads):
@@ -212,21 +243,24 @@ def build_roi_heads(config: RoIConfig, feature_names: list[str], in_channels: in
     channels = in_channels
     if config.context_scale is not None:
         pool, channels = ContextRoIAlign(pool, config.context_scale), 2 * in_channels
+    head_inputs = channels * config.output_size**2
+    if config.image_context:
+        pool, head_inputs = ImageContextRoIAlign(pool, feature_names[-1]), head_inputs + 4 + in_channels
     if config.cascade_iou is None:
         predictor_class = FastRCNNPredictor if config.iou_aware is None else IoUAwareBoxPredictor
         predictor = predictor_class(config.representation_size, num_classes + 1)
-        return _stage(config, pool, channels, predictor, config.fg_iou_thresh, config.bg_iou_thresh, None)
+        return _stage(config, pool, head_inputs, predictor, config.fg_iou_thresh, config.bg_iou_thresh, None)
     from medrpn.model.cascade_roi_heads import AgnosticBoxPredictor, CascadeRoIHeads, stage_box_weights
 
     stages = [
-        _stage(config, None, channels, AgnosticBoxPredictor(config.representation_size, num_classes + 1), iou, iou, stage_box_weights(i))
+        _stage(config, None, head_inputs, AgnosticBoxPredictor(config.representation_size, num_classes + 1), iou, iou, stage_box_weights(i))
         for i, iou in enumerate(config.cascade_iou)
     ]
     return CascadeRoIHeads(pool, stages)
 
 
-def _stage(config: RoIConfig, pool: nn.Module | None, channels: int, predictor: nn.Module, fg_iou: float, bg_iou: float, box_weights) -> LesionRoIHeads:
-    head = TwoMLPHead(channels * config.output_size**2, config.representation_size)
+def _stage(config: RoIConfig, pool: nn.Module | None, head_inputs: int, predictor: nn.Module, fg_iou: float, bg_iou: float, box_weights) -> LesionRoIHeads:
+    head = TwoMLPHead(head_inputs, config.representation_size)
     return LesionRoIHeads(
         pool,
         head,

@@ -69,7 +69,7 @@ _MODEL_SHAPE_KEYS = (
 )
 _SHAPE_FIELDS = {
     "rpn": ("objectness", "conv_depth"),
-    "roi": ("output_size", "sampling_ratio", "representation_size", "context_scale", "cascade_iou", "iou_aware"),
+    "roi": ("output_size", "sampling_ratio", "representation_size", "context_scale", "cascade_iou", "iou_aware", "image_context"),
     "volume": ("backbone", "anchors"),
 }
 # Settings that come from the data, never from a checkpoint (on_load_checkpoint refuses others).
@@ -89,7 +89,7 @@ _TRAINING_ONLY = (
 def _shape_part(key: str, value: Any) -> Any:
     if key in _SHAPE_FIELDS and isinstance(value, dict):
         # fields a checkpoint predates have their default, which is the only shape it can have had
-        defaults = {"objectness": "sigmoid", "conv_depth": 1}
+        defaults = {"objectness": "sigmoid", "conv_depth": 1, "image_context": False}
         return {k: value.get(k, defaults.get(k)) for k in _SHAPE_FIELDS[key]}
     return value
 
