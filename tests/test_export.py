@@ -91,3 +91,33 @@ def test_export_refuses_what_it_cannot_export_and_predict_names_a_wrong_file(tra
 
     with pytest.raises(ConfigError, match="not an ONNX model ONNX Runtime can load"):
         predict_files(bogus, tmp_path, tmp_path / "out")
+
+
+@pytest.mark.parametrize("roi", [{"iou_aware": 0.5}, {"image_context": True}], ids=["iou_aware", "image_context"])
+def test_a_checkpoint_whose_second_stage_has_more_parts_exports_with_the_same_detections(roi, tmp_path):
+    """IoU-aware scores (a third output and its score arithmetic) and the image's context (the
+    RoIs' place and their image's mean feature, gathered per RoI): the checkpoint rebuilds them,
+    and the traced graph gives PyTorch's detections (export refuses one that differs by more than
+    its tolerance)."""
+    import torch
+
+    from medrpn.inference.onnx_export import export_onnx
+    from medrpn.training.lightning_module import LesionDetectionModule, module_from_checkpoint
+
+    torch.manual_seed(0)
+    module = LesionDetectionModule(
+        class_names=["a", "b"],
+        backbone={"name": "resnet18", "fpn_channels": 16},
+        rpn={"pre_nms_top_n_test": 100, "post_nms_top_n_test": 50},
+        roi={"detections_per_img": 5, **roi},
+    )
+    ckpt = tmp_path / "detector.ckpt"
+    torch.save(
+        {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams), "datamodule_hyper_parameters": {"image_size": 128}},
+        ckpt,
+    )
+    loaded = module_from_checkpoint(ckpt).model.roi_heads
+    assert type(loaded.box_roi_pool) is type(module.model.roi_heads.box_roi_pool)
+    assert type(loaded.box_predictor) is type(module.model.roi_heads.box_predictor) and loaded.iou_alpha == roi.get("iou_aware")
+    report = export_onnx(ckpt, tmp_path / "detector.onnx")
+    assert report.path.exists() and report.detections_compared > 0
